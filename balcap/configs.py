@@ -1,0 +1,266 @@
+"""Every balcap option with its default and meaning, `file.py:key=val` argument parsing, validate().
+
+A config file (`configs/*.py`) defines `get_config(arg=None)`: it parses its own short arguments
+with `parse_arg`, starts from `base_config()` and changes what it needs. `validate` then checks
+the result against `base_config()` (unknown keys, wrong types) and against the machine (mesh
+shape, batch divisibility) before anything is compiled, and reports every problem in one error
+that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from typing import Any
+
+import ml_collections
+
+# Modes of `python -m balcap.main`; `balcap.main.MODE_RUNNERS` says which are in this version.
+MODES = ("sft", "train", "eval", "caption", "export", "data")
+DATA_SETS = ("capworld", "caption_folder")
+# Qwen2.5-VL merges 2x2 patches of 14 px: image sides must be multiples of 28 px.
+IMAGE_SIDE_MULTIPLE = 28
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message lists each bad field and how to fix it."""
+
+  def __init__(self, problems: list[str]):
+    self.problems = list(problems)
+    lines = "\n".join(f"  - {p}" for p in self.problems)
+    super().__init__(f"invalid config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All options, with defaults. A config file may change values, never add keys."""
+  c = ml_collections.ConfigDict()
+  # What `python -m balcap.main` does: sft (supervised warm start), train (RL), eval,
+  # caption (batch inference), export (write an HF checkpoint), data (prepare data sets).
+  c.mode = "train"
+  # Seeds parameter init, data order and sampling. Same seed + same mesh = same run.
+  c.seed = 0
+  # Optimisation steps of the mode's loop (sft / train).
+  c.num_steps = 1000
+  # GLOBAL number of examples (prompts) per step, over all hosts and devices. Must divide
+  # over the data shards (mesh.data * mesh.fsdp) and over the hosts.
+  c.batch_size = 64
+
+  # Device mesh: one axis per kind of parallelism. -1 on one axis = all remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1    # pure data parallelism: params replicated, batch split
+  c.mesh.fsdp = 1     # batch split AND params/optimizer state sharded (ZeRO-3 style)
+  c.mesh.tensor = 1   # params split along heads / mlp / vocab (Megatron style)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "capworld"  # one of DATA_SETS: capworld (embedded) or caption_folder (yours)
+  # Where TFDS keeps prepared data sets; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets. On a
+  # pod, a bucket every host can read (gs://...), prepared once with mode=data.
+  c.data.data_dir = ""
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.test_split = "test"
+  # Threads that read and decode examples ahead of the training loop, per host.
+  c.data.read_threads = 4
+  # Batches each host prepares ahead of the training loop.
+  c.data.prefetch_batches = 2
+
+  # CapWorld, the embedded procedural caption world (balcap/data/capworld).
+  c.data.capworld = ml_collections.ConfigDict()
+  c.data.capworld.num_train = 20_000
+  c.data.capworld.num_validation = 500
+  c.data.capworld.num_test = 500
+  # (width, height) pairs in pixels, multiples of 28; each example picks one.
+  c.data.capworld.image_sizes = ((224, 224),)
+  c.data.capworld.min_objects = 1
+  c.data.capworld.max_objects = 6
+  c.data.capworld.num_references = 2  # reference captions per image (>= 2)
+  c.data.capworld.seed = 0            # the world's own seed: changes every image
+
+  # Your own images: a JSONL manifest of {"id", "image", "reference"} rows
+  # (balcap/data/caption_folder). Bad rows are skipped and reported, never fatal.
+  c.data.caption_folder = ml_collections.ConfigDict()
+  c.data.caption_folder.manifest = ""  # path to manifest.jsonl (required for caption_folder)
+  # Fraction of rows (by a stable hash of the id) held out as validation / test splits.
+  c.data.caption_folder.validation_fraction = 0.02
+  c.data.caption_folder.test_fraction = 0.02
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100  # save every N steps (and at the end, and on SIGTERM)
+  c.checkpoint.keep = 3           # keep the N most recent checkpoints
+  c.checkpoint.async_save = True  # write in a background thread while training goes on
+
+  c.metrics = ml_collections.ConfigDict()
+  c.metrics.log_every_steps = 1
+  c.metrics.tensorboard = True  # event files in workdir/tensorboard
+  c.metrics.jsonl = True        # one JSON object per line in workdir/metrics.jsonl
+  c.metrics.progress_bar = True
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# `file.py:key=val,key2=val2` arguments.
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config file's argument string into a ConfigDict typed by `defaults`.
+
+  `parse_arg("mode=eval,steps=10", mode="train", steps=100)` -> {mode: "eval", steps: 10}.
+  Values are Python literals where they parse as one, else strings; each must match the
+  default's type. Unknown keys are an error naming the known ones.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ConfigError([f"config argument {item!r} is not key=value (use file.py:key=val,...)"])
+    if key not in defaults:
+      raise ConfigError([f"unknown config argument {key!r}; known: {sorted(defaults)}"])
+    value = _literal(raw)
+    default = defaults[key]
+    if default is not None and not _type_ok(value, default):
+      raise ConfigError(
+          [f"config argument {key}={raw!r} is {type(value).__name__}, expected "
+           f"{type(default).__name__} like the default {default!r}"])
+    result[key] = float(value) if isinstance(default, float) else value
+  return result
+
+
+def _literal(raw: str) -> Any:
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw  # a bare word such as eval or gs://bucket/x is a string
+
+
+# ---------------------------------------------------------------------------------------------
+# validate()
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int,
+             process_count: int = 1) -> None:
+  """Raises ConfigError listing every problem of `config` on this machine; returns None if fine."""
+  problems = _schema_problems(config.to_dict(), base_config().to_dict(), "config")
+  if problems:  # values of the wrong type make the checks below meaningless
+    raise ConfigError(problems)
+  problems += _mode_problems(config)
+  problems += _mesh_and_batch_problems(config, num_devices, process_count)
+  problems += _data_problems(config.data)
+  problems += _loop_problems(config)
+  if problems:
+    raise ConfigError(problems)
+
+
+def _schema_problems(values: dict, schema: dict, path: str) -> list[str]:
+  problems = []
+  for key, value in values.items():
+    where = f"{path}.{key}"
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema), n=1)
+      hint = f"; did you mean {path}.{close[0]}?" if close else f"; known: {sorted(schema)}"
+      problems.append(f"{where} is not an option{hint}")
+    elif isinstance(schema[key], dict):
+      if isinstance(value, dict):
+        problems += _schema_problems(value, schema[key], where)
+      else:
+        problems.append(f"{where} must be a section (ConfigDict), got {value!r}")
+    elif not _type_ok(value, schema[key]):
+      problems.append(
+          f"{where}={value!r} has type {type(value).__name__}; expected "
+          f"{type(schema[key]).__name__} (default {schema[key]!r})")
+  return problems
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def _mode_problems(config) -> list[str]:
+  if config.mode not in MODES:
+    return [f"config.mode={config.mode!r} is not a mode; use one of {list(MODES)}"]
+  return []
+
+
+def _mesh_and_batch_problems(config, num_devices: int, process_count: int) -> list[str]:
+  # Imported here: parallel imports jax, and configs must stay importable without a backend.
+  from balcap import parallel  # pylint: disable=import-outside-toplevel
+
+  try:
+    shape = parallel.resolve_mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    return [str(e)]
+  problems = []
+  batch_shards = shape["data"] * shape["fsdp"]
+  if config.batch_size <= 0:
+    problems.append(f"config.batch_size={config.batch_size} must be positive")
+  elif config.batch_size % batch_shards:
+    problems.append(
+        f"config.batch_size={config.batch_size} does not divide over the "
+        f"{batch_shards} data shards (mesh.data={shape['data']} x mesh.fsdp={shape['fsdp']}); "
+        f"use a multiple of {batch_shards}, e.g. {_round_up(config.batch_size, batch_shards)}")
+  if config.batch_size > 0 and config.batch_size % process_count:
+    problems.append(
+        f"config.batch_size={config.batch_size} does not divide over the {process_count} "
+        f"hosts; use a multiple of {process_count}")
+  return problems
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def _data_problems(data) -> list[str]:
+  problems = []
+  if data.name not in DATA_SETS:
+    problems.append(f"config.data.name={data.name!r} is not a data set; use one of "
+                    f"{list(DATA_SETS)}")
+  if data.read_threads < 0 or data.prefetch_batches < 0:
+    problems.append("config.data.read_threads and config.data.prefetch_batches must be >= 0")
+  world = data.capworld
+  for split in ("num_train", "num_validation", "num_test"):
+    if world[split] < 0:
+      problems.append(f"config.data.capworld.{split}={world[split]} must be >= 0")
+  if not world.image_sizes:
+    problems.append("config.data.capworld.image_sizes is empty; give e.g. ((224, 224),)")
+  for size in world.image_sizes:
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+        or any(not isinstance(s, int) or s <= 0 or s % IMAGE_SIDE_MULTIPLE for s in size)):
+      problems.append(
+          f"config.data.capworld.image_sizes has {size!r}; each entry must be a (width, height)"
+          f" pair of positive multiples of {IMAGE_SIDE_MULTIPLE} px, e.g. (224, 224)")
+  if not 1 <= world.min_objects <= world.max_objects <= 6:
+    problems.append(
+        f"config.data.capworld.min_objects={world.min_objects}, max_objects={world.max_objects}:"
+        " need 1 <= min_objects <= max_objects <= 6")
+  if world.num_references < 2:
+    problems.append(f"config.data.capworld.num_references={world.num_references} must be >= 2")
+  folder = data.caption_folder
+  if data.name == "caption_folder" and not folder.manifest:
+    problems.append("config.data.caption_folder.manifest is empty but config.data.name is "
+                    "'caption_folder'; set it to your manifest.jsonl")
+  held_out = folder.validation_fraction + folder.test_fraction
+  if folder.validation_fraction < 0 or folder.test_fraction < 0 or held_out >= 1:
+    problems.append(
+        "config.data.caption_folder.validation_fraction and test_fraction must be >= 0 with "
+        f"a sum < 1 (got {folder.validation_fraction} + {folder.test_fraction})")
+  return problems
+
+
+def _loop_problems(config) -> list[str]:
+  problems = []
+  if config.num_steps < 0:
+    problems.append(f"config.num_steps={config.num_steps} must be >= 0")
+  if config.checkpoint.every_steps < 1:
+    problems.append(f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1")
+  if config.checkpoint.keep < 1:
+    problems.append(f"config.checkpoint.keep={config.checkpoint.keep} must be >= 1 (the latest "
+                    "checkpoint is what a resumed run starts from)")
+  if config.metrics.log_every_steps < 1:
+    problems.append(
+        f"config.metrics.log_every_steps={config.metrics.log_every_steps} must be >= 1")
+  return problems

@@ -1,0 +1,90 @@
+"""Entry point: `python -m balcap.main --config=configs/tiny.py[:key=val,...] [--workdir=...]`.
+
+Flags pick the config (an ml_collections config file with optional `file.py:key=val`
+arguments and `--config.a.b=value` overrides) and the work directory; `config.mode` picks what
+runs. The config is validated against this machine before anything is compiled. On a TPU pod
+every host runs the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from balcap import configs, parallel
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/tiny.py or configs/tiny.py:mode=data.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, metrics and outputs go (local path or gs://). "
+    "Default: runs/<config file name>. Re-running with the same workdir resumes.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs outside TPU "
+    "pods and SLURM/MPI (where it is found automatically). Also JAX_COORDINATOR_ADDRESS.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the run.")
+
+
+def _run_train(config, workdir):
+  from balcap import train  # pylint: disable=import-outside-toplevel
+  train.run(config, workdir)
+
+
+def _run_data(config, workdir):
+  from balcap.data import report  # pylint: disable=import-outside-toplevel
+  report.run(config, workdir)
+
+
+# The modes this version of balcap can run; configs.MODES lists every mode of the design.
+MODE_RUNNERS = {"train": _run_train, "data": _run_data}
+# What each missing mode needs, so the error says what to expect instead of failing obscurely.
+_MISSING_MODES = {
+    "sft": "the policy models and the learner",
+    "eval": "the policy models and the sampler",
+    "caption": "the policy models and the sampler",
+    "export": "the policy models and their HF checkpoint writer",
+}
+
+
+def default_workdir(config_path: str) -> str:
+  stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  return os.path.join("runs", stem)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  import jax  # pylint: disable=import-outside-toplevel  (after distributed initialisation)
+
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
+  try:
+    configs.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  except configs.ConfigError as e:
+    sys.exit(f"balcap: {e}")
+  runner = MODE_RUNNERS.get(config.mode)
+  if runner is None:
+    sys.exit(f"balcap: config.mode={config.mode!r} needs {_MISSING_MODES[config.mode]}, "
+             f"which this version of balcap does not have yet; modes available: "
+             f"{sorted(MODE_RUNNERS)}")
+  workdir = _WORKDIR.value or default_workdir(
+      config_flags.get_config_filename(flags.FLAGS["config"]))
+  if jax.process_index() == 0:  # epath: workdir may be a bucket (gs://...)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / "config.json").write_text(
+        json.dumps(config.to_dict(), indent=2, default=str))
+  logging.info("mode %s, workdir %s, %d devices on %d processes", config.mode, workdir,
+               jax.device_count(), jax.process_count())
+  runner(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

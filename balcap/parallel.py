@@ -1,0 +1,244 @@
+"""One device mesh, one table of logical-axis rules, and the helpers that place data on them.
+
+Every array in balcap is sharded the same way: models annotate each dimension with a logical
+name (`embed`, `heads`, `batch`, ...), `LOGICAL_AXIS_RULES` maps those names to the mesh axes
+`('data', 'fsdp', 'tensor')`, and the config picks the mesh shape. Changing the parallelism
+strategy means changing the mesh shape or this table, never model code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The batch dimension is split over both data-parallel axes: fsdp shards params AND batch.
+BATCH_AXES = ("data", "fsdp")
+
+# Logical dimension name -> mesh axes. A mesh axis is used at most once per array: when two
+# dimensions of one array map to the same axis, the earlier dimension keeps it (flax's rule),
+# so an activation [batch, length, embed] is split over batch only while a weight
+# [embed, mlp] is split over fsdp x tensor.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),   # examples, rollouts, KV-cache rows
+    ("length", None),        # sequence positions
+    ("embed", "fsdp"),       # model width (weights: FSDP-sharded; activations: see above)
+    ("mlp", "tensor"),       # MLP hidden width
+    ("heads", "tensor"),     # query heads
+    ("kv_heads", "tensor"),  # key/value heads (GQA)
+    ("head_dim", None),
+    ("vocab", "tensor"),     # embedding rows and logits
+    ("layers", None),        # stacked (scanned) layers
+    ("norm", None),          # norm scales and biases
+)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh
+
+
+def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Returns {axis: size} for `config.mesh`, with -1 replaced by the remaining devices.
+
+  Raises ValueError naming the field and the fix when the shape cannot cover `num_devices`.
+  """
+  sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+  unknown = set(mesh_config.keys()) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; axes are {MESH_AXES}")
+  bad = [f"config.mesh.{a}={s}" for a, s in sizes.items() if s == 0 or s < -1]
+  if bad:
+    raise ValueError(f"{', '.join(bad)}: mesh sizes must be positive, or -1 for 'the rest'")
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"config.mesh: only one axis may be -1, got {free}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(
+          f"config.mesh: the fixed axes ({_describe(sizes)}) use {fixed} devices, which does "
+          f"not divide the {num_devices} devices; make their product a divisor of {num_devices}")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(
+        f"config.mesh ({_describe(sizes)}) has {fixed} devices but there are {num_devices}; "
+        f"set one axis to -1 or make the product {num_devices}")
+  return sizes
+
+
+def _describe(sizes: Mapping[str, int]) -> str:
+  return " x ".join(f"{a}={s}" for a, s in sizes.items())
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
+  """Builds the ('data', 'fsdp', 'tensor') mesh of `config.mesh` over `devices` (default all).
+
+  `jax.make_mesh` orders devices for the physical topology (TPU torus, GPU NVLink islands), so
+  the tensor axis, the innermost, lands on the fastest links. Axes are `Auto`: jit propagates
+  shardings and shard_map accepts the arrays as placed.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = resolve_mesh_shape(mesh_config, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logical axes -> shardings
+
+
+def logical_to_spec(logical_axes: tuple[str | None, ...],
+                    rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+  """('batch', 'length', 'embed') -> PartitionSpec(('data', 'fsdp'), None, None)."""
+  return nn.logical_to_mesh_axes(logical_axes, rules)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: tuple[str | None, ...],
+                     rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
+
+
+def param_shardings(boxed_params: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings for a params pytree whose leaves carry logical annotations.
+
+  `boxed_params` is what `module.init` returns (or its `jax.eval_shape`): leaves wrapped in
+  `nn.LogicallyPartitioned` by `nn.with_logical_partitioning`. Unannotated leaves are
+  replicated. Raises ValueError listing every parameter whose shape does not divide over the
+  mesh axes its annotation asks for.
+  """
+  specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_params), mesh, rules)
+  check_divisible(nn.unbox(boxed_params), specs)
+  return specs
+
+
+def check_divisible(tree: Any, shardings: Any) -> None:
+  """Raises ValueError naming each leaf whose dimensions do not split evenly over the mesh."""
+  problems = []
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  for (path, leaf), sharding in zip(leaves, jax.tree_util.tree_leaves(shardings)):
+    for dim, (size, axes) in enumerate(zip(np.shape(leaf), sharding.spec)):
+      parts = _axes_size(sharding.mesh, axes)
+      if size % parts:
+        problems.append(f"{jax.tree_util.keystr(path)} {np.shape(leaf)}: dim {dim} of size "
+                        f"{size} does not split over mesh axes {axes} ({parts} ways)")
+  if problems:
+    raise ValueError("cannot shard these arrays on this mesh; choose mesh sizes that divide "
+                     "them (config.mesh) or change parallel.LOGICAL_AXIS_RULES:\n  "
+                     + "\n  ".join(problems))
+
+
+def _axes_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def shard_params(boxed_params: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """Places an annotated params pytree on the mesh; returns plain (unboxed) arrays."""
+  shardings = param_shardings(boxed_params, mesh, rules)
+  return jax.device_put(nn.unbox(boxed_params), shardings)
+
+
+def sharded_init(init_fn, mesh: Mesh, *args, rules=LOGICAL_AXIS_RULES) -> Any:
+  """Runs `init_fn(*args)` (returning annotated params) with each output born sharded.
+
+  Nothing is ever materialised whole on one device: the shapes come from `jax.eval_shape`, the
+  shardings from the rules, and jit writes each shard where it belongs.
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = param_shardings(abstract, mesh, rules)
+  return jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: per-host local data -> one global array
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def host_batch_size(global_batch_size: int) -> int:
+  """This host's share of a global batch (each host feeds its own data shard)."""
+  count = jax.process_count()
+  if global_batch_size % count:
+    raise ValueError(f"config.batch_size={global_batch_size} does not divide over {count} hosts")
+  return global_batch_size // count
+
+
+def make_global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each host's local numeric arrays into global arrays split on the batch axes.
+
+  Every host calls this with its own `[local_batch, ...]` arrays (same keys, shapes and dtypes
+  on every host); the result has global leading size `local_batch * process_count`. Host-only
+  fields (strings, PIL images) must be removed first: they raise a TypeError naming the key.
+  """
+  sharding = batch_sharding(mesh)
+  shards = _axes_size(mesh, BATCH_AXES)
+  result = {}
+  for key, value in local_batch.items():
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+      raise TypeError(f"batch field {key!r} has dtype {array.dtype}; only numeric arrays go to "
+                      "devices (keep strings and images on the host)")
+    global_size = array.shape[0] * jax.process_count()
+    if global_size % shards:
+      raise ValueError(f"batch field {key!r}: global batch {global_size} does not split over "
+                       f"{shards} data shards (mesh data x fsdp)")
+    global_shape = (global_size,) + array.shape[1:]
+    result[key] = jax.make_array_from_process_local_data(sharding, array, global_shape)
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process start-up
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Joins a multi-process run (TPU pod, SLURM, MPI, or explicit arguments); returns whether.
+
+  Must run before anything touches a JAX backend. On a TPU VM pod every host runs the same
+  command and the cluster is found automatically; elsewhere pass the three arguments (or set
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). A lone process does nothing.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  cluster = _detected_cluster()
+  if coordinator_address is None and cluster is None:
+    return False
+  log.info("jax.distributed.initialize (coordinator=%s, cluster=%s)", coordinator_address,
+           cluster)
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  return True
+
+
+def _detected_cluster() -> str | None:
+  """The multi-process environment JAX itself would detect (SLURM, MPI, TPU pod), if any."""
+  try:
+    from jax._src import clusters  # pylint: disable=import-outside-toplevel
+    # The same registry jax.distributed.initialize() consults; it has no public accessor.
+    for cluster_type in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+      if cluster_type.is_env_present():
+        return cluster_type.__name__
+  except Exception:  # pylint: disable=broad-except
+    log.warning("could not query JAX's cluster detection; assuming a single process")
+  return None

@@ -1,0 +1,100 @@
+"""Config files, `file.py:key=val` arguments and validate()'s errors."""
+
+import importlib.util
+
+import pytest
+
+from balcap import configs
+from testlib import REPO
+
+
+def load_config_file(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def problems_of(config, num_devices=8, process_count=1):
+  with pytest.raises(configs.ConfigError) as info:
+    configs.validate(config, num_devices=num_devices, process_count=process_count)
+  return info.value.problems
+
+
+def test_parse_arg_types_values_by_their_defaults():
+  arg = configs.parse_arg("mode=eval,steps=10,lr=1,name=gs://bucket/x", mode="train", steps=100,
+                          lr=0.5, name="")
+  assert arg.mode == "eval" and arg.steps == 10 and arg.name == "gs://bucket/x"
+  assert arg.lr == 1.0 and isinstance(arg.lr, float)
+  assert configs.parse_arg(None, mode="train").mode == "train"
+
+
+def test_parse_arg_rejects_unknown_keys_and_wrong_types():
+  with pytest.raises(configs.ConfigError, match="unknown config argument 'mdoe'"):
+    configs.parse_arg("mdoe=eval", mode="train")
+  with pytest.raises(configs.ConfigError, match="steps='ten' is str, expected int"):
+    configs.parse_arg("steps=ten", steps=100)
+  with pytest.raises(configs.ConfigError, match="not key=value"):
+    configs.parse_arg("eval", mode="train")
+
+
+def test_tiny_config_validates_and_takes_its_mode_argument():
+  config = load_config_file("tiny")
+  configs.validate(config, num_devices=8)
+  assert config.mode == "train"
+  assert load_config_file("tiny", "mode=data").mode == "data"
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+  config = configs.base_config()
+  config.unlock()
+  config.data.capworld.num_trian = 5
+  (problem,) = problems_of(config)
+  assert "config.data.capworld.num_trian is not an option" in problem
+  assert "did you mean config.data.capworld.num_train" in problem
+
+
+def test_wrong_type_is_named_with_the_expected_type():
+  config = configs.base_config()
+  config.unlock()
+  del config["batch_size"]
+  config.batch_size = "64"
+  (problem,) = problems_of(config)
+  assert "config.batch_size='64' has type str; expected int" in problem
+
+
+def test_mesh_that_does_not_divide_the_devices_is_rejected():
+  config = configs.base_config()
+  config.mesh.tensor = 3
+  (problem,) = problems_of(config)
+  assert "config.mesh" in problem and "does not divide the 8 devices" in problem
+  config.mesh.tensor, config.mesh.data = 2, 2
+  (problem,) = problems_of(config)
+  assert "has 4 devices but there are 8" in problem
+
+
+def test_batch_that_does_not_divide_over_data_shards_is_rejected():
+  config = configs.base_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  config.batch_size = 6
+  (problem,) = problems_of(config)
+  assert "config.batch_size=6 does not divide over the 4 data shards" in problem
+  assert "e.g. 8" in problem
+  config.batch_size = 4
+  configs.validate(config, num_devices=8)
+  assert any("over the 3 hosts" in p for p in problems_of(config, process_count=3))
+
+
+def test_every_problem_is_reported_in_one_error():
+  config = configs.base_config()
+  config.mode = "fly"
+  config.batch_size = 7
+  config.data.capworld.image_sizes = ((224, 100),)
+  config.data.name = "caption_folder"
+  config.checkpoint.keep = 0
+  problems = problems_of(config)
+  assert len(problems) == 5, problems
+  text = "\n".join(problems)
+  for field in ("config.mode='fly'", "config.batch_size=7", "image_sizes",
+                "caption_folder.manifest is empty", "config.checkpoint.keep=0"):
+    assert field in text
