@@ -15,9 +15,6 @@ import jax
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
-from balcap.data.caption_folder.builder import CaptionFolder, caption_folder_config
-from balcap.data.capworld.builder import CapWorld, capworld_config
-from balcap.data.capworld.generate import CapWorldSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +27,11 @@ def data_dir(data_config) -> str:
 
 def make_builder(data_config) -> tfds.core.DatasetBuilder:
   """The TFDS builder `config.data` describes (nothing is generated yet)."""
+  # Builders are imported on demand: each registers itself with TFDS when imported.
+  # pylint: disable=import-outside-toplevel
   if data_config.name == "capworld":
+    from balcap.data.capworld.builder import CapWorld, capworld_config
+    from balcap.data.capworld.generate import CapWorldSpec
     world = data_config.capworld
     spec = CapWorldSpec(image_sizes=tuple(tuple(s) for s in world.image_sizes),
                         min_objects=world.min_objects, max_objects=world.max_objects,
@@ -39,6 +40,7 @@ def make_builder(data_config) -> tfds.core.DatasetBuilder:
                              num_validation=world.num_validation, num_test=world.num_test)
     return CapWorld(config=config, data_dir=data_dir(data_config), file_format="array_record")
   if data_config.name == "caption_folder":
+    from balcap.data.caption_folder.builder import CaptionFolder, caption_folder_config
     folder = data_config.caption_folder
     config = caption_folder_config(folder.manifest,
                                    validation_fraction=folder.validation_fraction,
@@ -64,7 +66,13 @@ def prepare(data_config) -> tfds.core.DatasetBuilder:
     if not builder.is_prepared():
       builder = make_builder(data_config)
       builder.download_and_prepare(file_format="array_record")
-  return make_builder(data_config)  # a fresh builder reads the finished data set's info
+  builder = make_builder(data_config)  # a fresh builder reads the finished data set's info
+  skipped = builder.info.metadata.get("num_skipped_rows") if builder.info.metadata else None
+  if skipped:
+    log.warning("%s: %d bad row(s) were skipped when it was built (%s); see %s",
+                builder.info.full_name, skipped, builder.info.metadata.get("skipped_reasons"),
+                builder.data_path / "skipped_rows.jsonl")
+  return builder
 
 
 def open_split(builder: tfds.core.DatasetBuilder, split: str):

@@ -20,14 +20,11 @@ import dataclasses
 import hashlib
 import io
 import json
-import logging
 import os
 import zlib
 
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
-
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 SKIPPED_ROWS_FILE = "skipped_rows.jsonl"
@@ -218,13 +215,12 @@ class CaptionFolder(tfds.core.GeneratorBasedBuilder):
   def _write_skipped(self) -> None:
     # Runs while data_dir is TFDS's temporary folder (before dataset_info.json is written), so
     # the report and the metadata counts are part of the finished data set.
-    path = os.path.join(os.fspath(self.data_dir), SKIPPED_ROWS_FILE)
-    with open(path, "w", encoding="utf-8") as f:
+    self._skipped.sort(key=lambda e: e["line"])
+    with open(os.path.join(os.fspath(self.data_dir), SKIPPED_ROWS_FILE), "w",
+              encoding="utf-8") as f:
       for entry in self._skipped:
         f.write(json.dumps(entry) + "\n")
-    reasons = collections.Counter(e["reason"].split(" (")[0] for e in self._skipped)
-    self._skipped.sort(key=lambda e: e["line"])
+    reasons = collections.Counter(e["reason"].split(" (")[0].split(":")[0]
+                                  for e in self._skipped)
     self.info.metadata["num_skipped_rows"] = len(self._skipped)
     self.info.metadata["skipped_reasons"] = dict(reasons)
-    if self._skipped:
-      log.warning("caption_folder: skipped %d bad row(s); see %s", len(self._skipped), path)

@@ -1,0 +1,1 @@
+"""Your own images and reference captions, listed in a JSONL manifest, as a TFDS data set."""
