@@ -52,6 +52,17 @@ _MISSING_MODES = {
 }
 
 
+class _QuietLibraries:
+  """Drops library warnings that are expected in every balcap run and would bury its output."""
+
+  EXPECTED = ("Using custom data configuration",  # TFDS: every CapWorld size is a config
+              "has no dataset_info.json",         # TFDS: a data set about to be generated
+              "OpenCV is not installed")          # TFDS: PIL decodes our images fine
+
+  def filter(self, record) -> bool:
+    return not any(text in str(record.msg) for text in self.EXPECTED)
+
+
 def default_workdir(config_path: str) -> str:
   stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
   return os.path.join("runs", stem)
@@ -60,6 +71,10 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and TFDS log every file they touch at INFO; show warnings unless asked (-v 0).
+    logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(_QuietLibraries())
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax  # pylint: disable=import-outside-toplevel  (after distributed initialisation)
 

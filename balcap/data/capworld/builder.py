@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from balcap.data.capworld.generate import CapWorldSpec, make_example
@@ -55,8 +56,8 @@ class CapWorld(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "id": tfds.features.Text(),
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-            "width": tfds.features.Scalar(dtype="int32"),
-            "height": tfds.features.Scalar(dtype="int32"),
+            "width": tfds.features.Scalar(dtype=np.int32),
+            "height": tfds.features.Scalar(dtype=np.int32),
             "scene_graph": tfds.features.Text(),  # JSON, see balcap.data.capworld.world
             "references": tfds.features.Sequence(tfds.features.Text()),
             "sft_caption": tfds.features.Text(),
