@@ -18,8 +18,6 @@ import ml_collections
 # Modes of `python -m balcap.main`; `balcap.main.MODE_RUNNERS` says which are in this version.
 MODES = ("sft", "train", "eval", "caption", "export", "data")
 DATA_SETS = ("capworld", "caption_folder")
-# Qwen2.5-VL merges 2x2 patches of 14 px: image sides must be multiples of 28 px.
-IMAGE_SIDE_MULTIPLE = 28
 
 
 class ConfigError(ValueError):
@@ -225,20 +223,14 @@ def _data_problems(data) -> list[str]:
   for split in ("num_train", "num_validation", "num_test"):
     if world[split] < 0:
       problems.append(f"config.data.capworld.{split}={world[split]} must be >= 0")
-  if not world.image_sizes:
-    problems.append("config.data.capworld.image_sizes is empty; give e.g. ((224, 224),)")
-  for size in world.image_sizes:
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-        or any(not isinstance(s, int) or s <= 0 or s % IMAGE_SIDE_MULTIPLE for s in size)):
-      problems.append(
-          f"config.data.capworld.image_sizes has {size!r}; each entry must be a (width, height)"
-          f" pair of positive multiples of {IMAGE_SIDE_MULTIPLE} px, e.g. (224, 224)")
-  if not 1 <= world.min_objects <= world.max_objects <= 6:
-    problems.append(
-        f"config.data.capworld.min_objects={world.min_objects}, max_objects={world.max_objects}:"
-        " need 1 <= min_objects <= max_objects <= 6")
-  if world.num_references < 2:
-    problems.append(f"config.data.capworld.num_references={world.num_references} must be >= 2")
+  # The world's own parameters are checked where they are defined, by CapWorldSpec.
+  from balcap.data.capworld.generate import CapWorldSpec  # pylint: disable=import-outside-toplevel
+  try:
+    CapWorldSpec(image_sizes=tuple(tuple(s) for s in world.image_sizes),
+                 min_objects=world.min_objects, max_objects=world.max_objects,
+                 num_references=world.num_references, seed=world.seed)
+  except (ValueError, TypeError) as e:
+    problems.append(f"config.data.capworld: {e}")
   folder = data.caption_folder
   if data.name == "caption_folder" and not folder.manifest:
     problems.append("config.data.caption_folder.manifest is empty but config.data.name is "

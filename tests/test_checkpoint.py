@@ -1,4 +1,4 @@
-"""Checkpoints: round trip, another mesh, keep-N, data state, and a crash in the middle of a save."""
+"""Checkpoints: round trip, another mesh, keep-N, data state, a crash in the middle of a save."""
 
 import os
 import signal

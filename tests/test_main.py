@@ -1,4 +1,4 @@
-"""`python -m balcap.main`: the demo command, mode dispatch, and config errors, as a user sees them."""
+"""`python -m balcap.main`: the demo, mode dispatch and config errors, as a user sees them."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""caption_folder: a JSONL manifest with good and bad rows becomes a data set; bad rows are reported."""
+"""caption_folder: a manifest with good and bad rows becomes a data set; bad rows are reported."""
 
 import json
 

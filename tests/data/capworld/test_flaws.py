@@ -1,0 +1,78 @@
+"""Flawed SFT captions really have the flaws they are labelled with, and only those."""
+
+import collections
+import re
+
+import numpy as np
+
+from balcap.data.capworld import (FLAW_TYPES, parse_caption, sample_scene, scene_facts,
+                                  write_reference, write_sft_caption)
+from balcap.data.capworld.flaws import META_SENTENCES
+
+NUM_EXAMPLES = 250
+
+
+def _examples():
+  rng = np.random.default_rng(7)
+  examples = []
+  for _ in range(NUM_EXAMPLES):
+    scene = sample_scene(rng, 224, 224)
+    reference = write_reference(scene, rng)
+    examples.append((scene, reference, write_sft_caption(scene, rng, reference.num_words)))
+  return examples
+
+
+EXAMPLES = _examples()
+FALSE_KIND = {"wrong_color": "colour", "wrong_shape": "object", "wrong_count": "count",
+              "wrong_relation": "relation"}
+
+
+def test_every_flaw_type_occurs_and_the_mixture_varies():
+  counts = collections.Counter(f for _, _, caption in EXAMPLES for f in caption.flaws)
+  assert set(counts) == set(FLAW_TYPES), counts
+  assert min(counts.values()) >= 0.05 * NUM_EXAMPLES, counts
+  sizes = collections.Counter(len(caption.flaws) for _, _, caption in EXAMPLES)
+  assert min(sizes) == 1 and sizes[1] < 0.8 * NUM_EXAMPLES and sizes[2] and sizes[3]
+  assert len({caption.flaws for _, _, caption in EXAMPLES}) > 30
+
+
+def test_wrong_claims_are_false_and_false_claims_are_labelled():
+  for scene, _, caption in EXAMPLES:
+    true = set(scene_facts(scene))
+    false_kinds = {f.kind for f in caption.facts if f not in true}
+    for flaw, kind in FALSE_KIND.items():
+      assert (flaw in caption.flaws) == (kind in false_kinds), (caption.text, caption.flaws)
+    # Nothing else is ever false: sizes, regions, labels, background stay true.
+    assert false_kinds <= set(FALSE_KIND.values())
+
+
+def test_missed_object_means_an_object_is_never_mentioned():
+  for scene, _, caption in EXAMPLES:
+    unmentioned = set(range(len(scene.objects))) - set(caption.grounding)
+    assert ("missed_object" in caption.flaws) == bool(unmentioned), caption.text
+
+
+def test_meta_commentary_is_present_exactly_when_labelled():
+  for _, _, caption in EXAMPLES:
+    spans = parse_caption(caption.text).spans
+    has_meta = any(m in caption.text for m in META_SENTENCES)
+    assert ("meta_commentary" in caption.flaws) == has_meta == bool(spans), caption.text
+    assert all(span.kind == "meta" for span in spans)
+
+
+def test_repetition_repeats_a_sentence():
+  for _, _, caption in EXAMPLES:
+    sentences = [s.lower() for s in re.split(r"(?<=\.)\s+", caption.text)]
+    repeated = len(set(sentences)) < len(sentences)
+    assert ("repetition" in caption.flaws) == repeated, caption.text
+
+
+def test_length_flaws_are_measured_against_the_first_reference():
+  for _, reference, caption in EXAMPLES:
+    ratio = len(caption.text.split()) / len(reference.text.split())
+    assert ("too_short" in caption.flaws) == (ratio < 0.5), (ratio, caption.flaws)
+    assert ("too_long" in caption.flaws) == (ratio > 2.0), (ratio, caption.flaws)
+  # Padded, not absurd: just over the band as a rule (short references are hard to pad).
+  too_long = [len(c.text.split()) / len(r.text.split()) for _, r, c in EXAMPLES
+              if "too_long" in c.flaws]
+  assert np.median(too_long) < 3.0 and max(too_long) < 8.0, sorted(too_long)
