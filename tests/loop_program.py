@@ -17,12 +17,12 @@ class Source:
 
 
 def run(workdir, num_steps, step_delay=0.0):
-  """The data-pass step of `train` in the loop, on a (data 2, fsdp 4) mesh."""
+  """The data-pass step of `train` in the loop, data over every device (8 in tests)."""
   config = configs.base_config()
   config.num_steps, config.batch_size = num_steps, 8
   config.checkpoint.every_steps = 3
   config.metrics.tensorboard = config.metrics.progress_bar = False
-  mesh = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  mesh = parallel.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
   data_step = train.make_data_pass_step(mesh)
 
   def step_fn(state, batch, step):
@@ -31,7 +31,8 @@ def run(workdir, num_steps, step_delay=0.0):
     print("STEP", step, flush=True)
     return out
 
-  iterator = pipeline.train_iterator(Source(), batch_size=8, seed=0, read_threads=1)
+  iterator = pipeline.train_iterator(Source(), batch_size=parallel.host_batch_size(8), seed=0,
+                                     read_threads=1)
   return loop.run(workdir=str(workdir), config=config, state=train.data_pass_state(mesh),
                   data_iterator=iterator, step_fn=step_fn)
 

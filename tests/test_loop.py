@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -71,3 +72,43 @@ def test_sigkill_loses_only_steps_after_the_last_checkpoint(tmp_path):
   # Checkpoints every 3 steps: 6 unless the machine is so slow that its save was unfinished.
   assert resumed.resumed_from in (3, 6)
   assert digest(resumed) == digest(run(tmp_path / "fresh", 12))
+
+
+_TWO_HOST_RUN = """
+import sys
+from balcap import parallel
+assert parallel.initialize_distributed()
+from loop_program import digest, run
+result = run(sys.argv[1], int(sys.argv[2]))
+print("RESULT", result.resumed_from, result.step, *digest(result), flush=True)
+"""
+
+
+def _two_hosts(workdir, num_steps):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_HOST_RUN, str(workdir), str(num_steps)],
+                            env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=180)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+  results = [line.split()[1:] for out in outputs for line in out.splitlines()
+             if line.startswith("RESULT")]
+  assert len(results) == 2 and results[0] == results[1], results  # one replicated state
+  return results[0]
+
+
+def test_two_hosts_checkpoint_their_own_data_state_and_resume_exactly(tmp_path):
+  whole = _two_hosts(tmp_path / "whole", 7)
+  assert whole[:2] == ["None", "7"] and whole[3] == "56"
+  first = _two_hosts(tmp_path / "split", 4)
+  data_files = sorted(n for n in os.listdir(tmp_path / "split" / "checkpoints" / "4" / "data")
+                      if n.startswith("process_"))
+  assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+  resumed = _two_hosts(tmp_path / "split", 7)
+  assert first[:2] == ["None", "4"] and resumed[:2] == ["4", "7"]
+  assert resumed[2:] == whole[2:]
