@@ -15,6 +15,7 @@ and is cleaned up when the next run opens the directory.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import grain
@@ -39,7 +40,9 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         create=True,
     )
-    self.directory = str(directory)
+    directory = str(directory)
+    # Orbax wants absolute paths; "runs/x" means relative to where the command was started.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=options,

@@ -14,16 +14,16 @@ _SMALL = ["--config.num_steps=6", "--config.batch_size=8", "--config.checkpoint.
           "--config.data.capworld.num_test=4"]
 
 
-def balcap_main(*args, tmp_path):
+def balcap_main(*args, tmp_path, cwd=REPO):
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
-  return subprocess.run([sys.executable, "-m", "balcap.main", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "balcap.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 
 
 def test_demo_command_runs_the_stages_that_exist_and_resumes(tmp_path):
-  workdir = tmp_path / "run"
-  done = balcap_main("--config=configs/tiny.py", f"--workdir={workdir}", *_SMALL,
-                     tmp_path=tmp_path)
+  workdir = tmp_path / "runs" / "tiny"  # the default: runs/<config name> under the cwd
+  done = balcap_main(f"--config={REPO}/configs/tiny.py", *_SMALL, tmp_path=tmp_path,
+                     cwd=tmp_path)
   assert done.returncode == 0, done.stderr
   out = done.stdout
   assert "[1/4] data: capworld/n40-4-4_112x112" in out and "'train': 40" in out
@@ -35,8 +35,8 @@ def test_demo_command_runs_the_stages_that_exist_and_resumes(tmp_path):
   assert [r["step"] for r in logged] == [5, 6]  # every 5 steps (tiny.py) and the last
   assert all(r["data/reference_words_mean"] > 5 for r in logged)
   # The same command again finds the finished run and does not redo it.
-  again = balcap_main("--config=configs/tiny.py", f"--workdir={workdir}", *_SMALL,
-                      tmp_path=tmp_path)
+  again = balcap_main(f"--config={REPO}/configs/tiny.py", *_SMALL, tmp_path=tmp_path,
+                      cwd=tmp_path)
   assert again.returncode == 0 and "resumed from step 6" in again.stdout
   assert out.split("id digest ")[1][:8] == again.stdout.split("id digest ")[1][:8]
 
