@@ -14,13 +14,18 @@ import difflib
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 # Modes of `python -m balcap.main`; `balcap.main.MODE_RUNNERS` says which are in this version.
 MODES = ("sft", "train", "eval", "caption", "export", "data")
 DATA_SETS = ("capworld", "caption_folder")
 
 
-class ConfigError(ValueError):
+class BalcapError(Exception):
+  """A problem with the user's config or data whose message says everything (no traceback)."""
+
+
+class ConfigError(BalcapError, ValueError):
   """A config that cannot run; the message lists each bad field and how to fix it."""
 
   def __init__(self, problems: list[str]):
@@ -235,6 +240,8 @@ def _data_problems(data) -> list[str]:
   if data.name == "caption_folder" and not folder.manifest:
     problems.append("config.data.caption_folder.manifest is empty but config.data.name is "
                     "'caption_folder'; set it to your manifest.jsonl")
+  elif data.name == "caption_folder" and not epath.Path(folder.manifest).exists():
+    problems.append(f"config.data.caption_folder.manifest={folder.manifest!r}: no such file")
   held_out = folder.validation_fraction + folder.test_fraction
   if folder.validation_fraction < 0 or folder.test_fraction < 0 or held_out >= 1:
     problems.append(

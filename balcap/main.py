@@ -98,7 +98,10 @@ def main(argv):
         json.dumps(config.to_dict(), indent=2, default=str))
   logging.info("mode %s, workdir %s, %d devices on %d processes", config.mode, workdir,
                jax.device_count(), jax.process_count())
-  runner(config, workdir)
+  try:
+    runner(config, workdir)
+  except configs.BalcapError as e:  # bad data or settings found while running: no traceback
+    sys.exit(f"balcap: {e}")
 
 
 if __name__ == "__main__":

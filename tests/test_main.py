@@ -63,3 +63,18 @@ def test_config_errors_name_the_field_and_the_fix_before_any_work(tmp_path):
   assert not (tmp_path / "run").exists()
   typo = balcap_main("--config=configs/tiny.py", "--config.num_stpes=3", tmp_path=tmp_path)
   assert typo.returncode != 0 and "num_stpes" in typo.stderr
+
+
+def test_bad_data_is_a_message_not_a_traceback(tmp_path):
+  manifest = tmp_path / "manifest.jsonl"
+  manifest.write_text('{"id": "a", "image": "a.jpg", "reference": "r"}\n' * 2)
+  done = balcap_main("--config=configs/tiny.py:mode=data", "--config.data.name=caption_folder",
+                     f"--config.data.caption_folder.manifest={manifest}",
+                     f"--workdir={tmp_path / 'run'}", tmp_path=tmp_path)
+  assert done.returncode == 1
+  assert "balcap: " in done.stderr and "'a' on lines [1, 2]" in done.stderr
+  assert "Traceback" not in done.stderr
+  missing = balcap_main("--config=configs/tiny.py:mode=data", "--config.data.name=caption_folder",
+                        f"--config.data.caption_folder.manifest={tmp_path / 'nope.jsonl'}",
+                        tmp_path=tmp_path)
+  assert "nope.jsonl': no such file" in missing.stderr and "Traceback" not in missing.stderr

@@ -26,6 +26,8 @@ import zlib
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
+from balcap.configs import BalcapError
+
 SPLITS = ("train", "validation", "test")
 SKIPPED_ROWS_FILE = "skipped_rows.jsonl"
 # Formats kept byte for byte; anything else is re-encoded as PNG.
@@ -33,7 +35,7 @@ _KEPT_FORMATS = ("JPEG", "PNG")
 _CHECK_THREADS = 8
 
 
-class DuplicateIdError(ValueError):
+class DuplicateIdError(BalcapError, ValueError):
   """The manifest uses some ids more than once (the message lists them with line numbers)."""
 
 
