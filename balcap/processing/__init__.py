@@ -1,0 +1,1 @@
+"""Model-specific preprocessing in numpy: chat rendering, tokenization, image patches."""
