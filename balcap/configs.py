@@ -48,6 +48,20 @@ def base_config() -> ml_collections.ConfigDict:
   # over the data shards (mesh.data * mesh.fsdp) and over the hosts.
   c.batch_size = 64
 
+  # The policy. With `checkpoint` set, that HF folder (config.json, *.safetensors, tokenizer)
+  # is loaded, and must agree with `architecture` where one is given; with "" the policy is
+  # initialised at random from `architecture` (tests, the CapWorld demo).
+  c.model = ml_collections.ConfigDict()
+  c.model.checkpoint = ""
+  c.model.dtype = "bfloat16"       # computation dtype of activations and matmuls
+  c.model.param_dtype = "float32"  # stored parameters (float32 master weights for training)
+  c.model.remat = "none"           # per-layer activation checkpointing: none|full|dots|dots_no_batch
+  c.model.min_pixels = 56 * 56     # Qwen2.5-VL processor: each image is resized to between
+  c.model.max_pixels = 28 * 28 * 1280  # min and max pixels (multiples of 28 px per side)
+  # The architecture in its family's spelling ({"family": "qwen2_5_vl", "text": {...},
+  # "vision": {...}, ...}); free-form here, checked by the family's config class.
+  c.model.architecture = ml_collections.ConfigDict()
+
   # Device mesh: one axis per kind of parallelism. -1 on one axis = all remaining devices.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1    # pure data parallelism: params replicated, batch split
@@ -100,6 +114,24 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Mesh shapes for common machines (config files' `hardware=` argument).
+MESH_PRESETS = {
+    # Every device a data-parallel replica: small models, CPU smoke tests.
+    "cpu": {"data": -1, "fsdp": 1, "tensor": 1},
+    # A TPU v5e / v4 pod slice: params and optimizer state sharded over every chip (ZeRO-3),
+    # the batch too; the fast ICI makes the all-gathers cheap.
+    "tpu": {"data": 1, "fsdp": -1, "tensor": 1},
+    # One host with 8 GPUs (80 GB): FSDP over the 8 NVLink-connected devices.
+    "gpu8": {"data": 1, "fsdp": 8, "tensor": 1},
+}
+
+
+def mesh_preset(name: str) -> ml_collections.ConfigDict:
+  if name not in MESH_PRESETS:
+    raise ConfigError([f"hardware={name!r} is not one of {sorted(MESH_PRESETS)}"])
+  return ml_collections.ConfigDict(MESH_PRESETS[name])
+
+
 # ---------------------------------------------------------------------------------------------
 # `file.py:key=val,key2=val2` arguments.
 
@@ -149,6 +181,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   problems += _mesh_and_batch_problems(config, num_devices, process_count)
   problems += _data_problems(config.data)
   problems += _loop_problems(config)
+  problems += _model_problems(config.model, needs_model=config.mode != "data")
   if problems:
     raise ConfigError(problems)
 
@@ -162,6 +195,8 @@ def _schema_problems(values: dict, schema: dict, path: str) -> list[str]:
       hint = f"; did you mean {path}.{close[0]}?" if close else f"; known: {sorted(schema)}"
       problems.append(f"{where} is not an option{hint}")
     elif isinstance(schema[key], dict):
+      if not schema[key]:  # an empty section is free-form; its owner checks it
+        continue
       if isinstance(value, dict):
         problems += _schema_problems(value, schema[key], where)
       else:
@@ -262,4 +297,24 @@ def _loop_problems(config) -> list[str]:
   if config.metrics.log_every_steps < 1:
     problems.append(
         f"config.metrics.log_every_steps={config.metrics.log_every_steps} must be >= 1")
+  return problems
+
+
+def _model_problems(model, needs_model: bool) -> list[str]:
+  problems = []
+  for field in ("dtype", "param_dtype"):
+    if model[field] not in ("float32", "bfloat16", "float16"):
+      problems.append(f"config.model.{field}={model[field]!r}: use float32, bfloat16 or float16")
+  if model.min_pixels > model.max_pixels:
+    problems.append(f"config.model.min_pixels={model.min_pixels} exceeds max_pixels="
+                    f"{model.max_pixels}")
+  if model.architecture:
+    from balcap import models  # pylint: disable=import-outside-toplevel
+    try:
+      models.architecture_from_config(model)
+    except (ValueError, TypeError, KeyError) as e:
+      problems.append(f"config.model.architecture: {e}")
+  elif needs_model and not model.checkpoint:
+    problems.append("config.model: neither checkpoint nor architecture is set; give an HF "
+                    "folder in config.model.checkpoint or an architecture to initialise")
   return problems

@@ -25,6 +25,20 @@ def get_config(arg=None):
   c.data.capworld.image_sizes = ((112, 112),)
   c.data.read_threads = 2  # this is a 2-core machine
 
+  # The demo's policy: Qwen2.5-VL's architecture at a size a 2-core CPU trains in minutes,
+  # initialised at random, with the real Qwen vocabulary and special-token ids.
+  c.model.checkpoint = ""
+  c.model.dtype = c.model.param_dtype = "float32"
+  c.model.architecture = {
+      "family": "qwen2_5_vl",
+      "text": dict(vocab_size=151936, hidden_size=64, intermediate_size=256, num_layers=2,
+                   num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3),
+                   tie_word_embeddings=True),
+      "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                     out_hidden_size=64, window_size=56, fullatt_block_indexes=(1,)),
+  }
+  c.model.max_pixels = 112 * 112
+
   c.checkpoint.every_steps = 20
   c.checkpoint.keep = 2
   c.metrics.log_every_steps = 5

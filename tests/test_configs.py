@@ -46,7 +46,7 @@ def test_tiny_config_validates_and_takes_its_mode_argument():
 
 
 def test_unknown_key_is_named_with_a_suggestion():
-  config = configs.base_config()
+  config = load_config_file("tiny")
   config.unlock()
   config.data.capworld.num_trian = 5
   (problem,) = problems_of(config)
@@ -55,7 +55,7 @@ def test_unknown_key_is_named_with_a_suggestion():
 
 
 def test_wrong_type_is_named_with_the_expected_type():
-  config = configs.base_config()
+  config = load_config_file("tiny")
   config.unlock()
   del config["batch_size"]
   config.batch_size = "64"
@@ -64,7 +64,7 @@ def test_wrong_type_is_named_with_the_expected_type():
 
 
 def test_mesh_that_does_not_divide_the_devices_is_rejected():
-  config = configs.base_config()
+  config = load_config_file("tiny")
   config.mesh.tensor = 3
   (problem,) = problems_of(config)
   assert "config.mesh" in problem and "does not divide the 8 devices" in problem
@@ -74,7 +74,7 @@ def test_mesh_that_does_not_divide_the_devices_is_rejected():
 
 
 def test_batch_that_does_not_divide_over_data_shards_is_rejected():
-  config = configs.base_config()
+  config = load_config_file("tiny")
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
   config.batch_size = 6
   (problem,) = problems_of(config)
@@ -86,7 +86,7 @@ def test_batch_that_does_not_divide_over_data_shards_is_rejected():
 
 
 def test_every_problem_is_reported_in_one_error():
-  config = configs.base_config()
+  config = load_config_file("tiny")
   config.mode = "fly"
   config.batch_size = 7
   config.data.capworld.image_sizes = ((224, 100),)
@@ -98,3 +98,27 @@ def test_every_problem_is_reported_in_one_error():
   for field in ("config.mode='fly'", "config.batch_size=7", "image_sizes",
                 "caption_folder.manifest is empty", "config.checkpoint.keep=0"):
     assert field in text
+
+
+def test_model_configs_validate_on_their_hardware():
+  assert load_config_file("qwen7b", "hardware=tpu").mesh.fsdp == -1
+  for name in ("qwen3b", "qwen7b"):
+    configs.validate(load_config_file(name, "hardware=gpu8"), num_devices=8)
+  with pytest.raises(configs.ConfigError, match="hardware='pod' is not one of"):
+    load_config_file("qwen7b", "hardware=pod")
+
+
+def test_architecture_errors_name_the_field():
+  config = load_config_file("tiny")
+  config.model.architecture.text.num_heads = 5
+  (problem,) = problems_of(config)
+  assert problem.startswith("config.model.architecture: ") and "num_heads 5" in problem
+  config = load_config_file("tiny")
+  config.model.architecture.vision.unlock()
+  config.model.architecture.vision.windows = 3
+  (problem,) = problems_of(config)
+  assert "vision.windows is not a field of QwenVisionConfig" in problem
+  config = load_config_file("tiny")
+  config.model.architecture = {}
+  (problem,) = problems_of(config)
+  assert "neither checkpoint nor architecture is set" in problem

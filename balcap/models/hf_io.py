@@ -125,6 +125,7 @@ def _plan(rules: Iterable[Rule], tensors: dict[str, safetensors_io.TensorInfo],
   compiled = [(rule, rule.patterns()) for rule in rules]
   plan: dict[str, dict[int | None, safetensors_io.TensorInfo]] = {}
   unexpected, misshaped = [], []
+  seen_misshaped: set[tuple[str, int | None]] = set()  # present, so not also "missing"
   for name, info in sorted(tensors.items()):
     rule, layer = _match(name, compiled)
     if rule is None or rule.param not in leaves:
@@ -141,6 +142,7 @@ def _plan(rules: Iterable[Rule], tensors: dict[str, safetensors_io.TensorInfo],
     if found != expected:
       misshaped.append(f"mis-shaped tensor {name}: expected {_hf_shape(rule, expected)} for "
                        f"{rule.param}, found {info.shape}")
+      seen_misshaped.add((rule.param, layer))
       continue
     plan.setdefault(rule.param, {})[layer] = info
   missing = []
@@ -151,7 +153,7 @@ def _plan(rules: Iterable[Rule], tensors: dict[str, safetensors_io.TensorInfo],
       continue
     layers = range(leaf.shape[0]) if rule.stacked else [None]
     for layer in layers:
-      if layer not in plan.get(param, {}):
+      if layer not in plan.get(param, {}) and (param, layer) not in seen_misshaped:
         name = rule.names[0].replace(LAYER, str(layer))
         expected = tuple(leaf.shape[1:] if rule.stacked else leaf.shape)
         missing.append(f"missing tensor {name}: expected {_hf_shape(rule, expected)} for {param}")

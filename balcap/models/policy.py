@@ -1,0 +1,212 @@
+"""One policy interface over every model family: load, run, save, initialise.
+
+    policy = load_pretrained("/ckpt/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", mesh=mesh)
+    batch = policy.processor(prompts=["Describe this image."], images=[image])
+    logits = policy.apply(policy.params, batch)          # [B, T, V] float32
+    policy.save_pretrained("/ckpt/mine")                  # transformers loads it back
+
+A `Family` holds what differs between architectures (config parsing, module, checkpoint rules,
+host-side input preparation, processor); everything here is shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from balcap import parallel
+from balcap.models import hf_io
+
+# Files that travel with the weights: tokenizer and processor settings.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "preprocessor_config.json", "chat_template.json",
+                   "generation_config.json", "vocab.json", "merges.txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What one model family (e.g. Qwen2.5-VL) supplies to the shared policy code."""
+  model_type: str                                  # config.json "model_type"
+  config_class: type                               # with from_hf(transformers config)
+  module: Callable[[Any], nn.Module]               # balcap config -> flax module
+  rules: Callable[[Any], tuple[hf_io.Rule, ...]]   # checkpoint table
+  prepare_inputs: Callable[..., dict]              # (config, processor batch) -> model inputs
+  example_batch: Callable[[Any], dict]             # a tiny processor-style batch for init
+  hf_shapes: Callable[[Any], dict]                 # checkpoint shapes the params cannot tell
+  processor_from_pretrained: Callable[[str], Any]  # folder -> processor
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+  _FAMILIES[family.model_type] = family
+  return family
+
+
+def family_of(model_type: str) -> Family:
+  if model_type not in _FAMILIES:
+    raise ValueError(f"model_type {model_type!r} is not supported; balcap has "
+                     f"{sorted(_FAMILIES)}")
+  return _FAMILIES[model_type]
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout")
+
+
+@dataclasses.dataclass
+class Policy:
+  family: Family
+  config: Any
+  params: Any
+  processor: Any = None
+  mesh: Mesh | None = None
+  source: str | None = None  # the folder it was loaded from (its tokenizer files are copied)
+
+  @property
+  def module(self) -> nn.Module:
+    return self.family.module(self.config)
+
+  def prepare(self, batch: dict[str, Any], **layout_sizes) -> dict[str, Any]:
+    """Host side: a processor batch plus position ids, rope deltas, vision layout."""
+    if "position_ids" in batch:
+      return batch
+    return self.family.prepare_inputs(self.config, batch, **layout_sizes)
+
+  def apply(self, params: Any, batch: dict[str, Any]) -> jax.Array:
+    """Logits [B, T, V] (float32) for a processor batch (or a prepared one)."""
+    prepared = self.prepare(batch)
+    inputs = {k: prepared[k] for k in MODEL_INPUTS if prepared.get(k) is not None}
+    return _forward(self.module, self.mesh)(params, inputs)
+
+  def save_pretrained(self, folder: str, *, dtype: str | None = None) -> None:
+    """An HF folder (config.json, safetensors, tokenizer files) that transformers loads."""
+    os.makedirs(folder, exist_ok=True)
+    hf_config = self.config.to_hf()
+    if dtype:
+      hf_config.dtype = dtype
+    tensors = hf_io.hf_tensors(self.family.rules(self.config), self.params,
+                               self.family.hf_shapes(self.config),
+                               dtype=np.dtype(jax.numpy.dtype(dtype)) if dtype else None)
+    hf_io.save_tensors(folder, tensors)
+    if jax.process_index() == 0:
+      hf_config.save_pretrained(folder)
+      if self.source:
+        for name in PROCESSOR_FILES:
+          if os.path.isfile(os.path.join(self.source, name)):
+            shutil.copy(os.path.join(self.source, name), os.path.join(folder, name))
+
+
+@functools.lru_cache(maxsize=16)
+def _forward(module: nn.Module, mesh: Mesh | None):
+  """One jitted forward per (module, mesh); jit itself caches one program per input shape."""
+
+  @jax.jit
+  def forward(params, inputs):
+    return module.apply({"params": params}, **inputs)
+
+  if mesh is None:
+    return forward
+
+  def forward_on_mesh(params, inputs):
+    with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES), jax.set_mesh(mesh):
+      return forward(params, inputs)
+  return forward_on_mesh
+
+
+def _boxed_abstract_params(family: Family, config: Any) -> Any:
+  module = family.module(config)
+  example = family.prepare_inputs(config, family.example_batch(config))
+  inputs = {k: example[k] for k in MODEL_INPUTS if example.get(k) is not None}
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs))["params"], inputs
+
+
+def _shardings(boxed: Any, mesh: Mesh | None) -> Any:
+  if mesh is None:
+    return None
+  return parallel.param_shardings(boxed, mesh)
+
+
+def load_pretrained(folder: str, *, dtype: str | None = None, mesh: Mesh | None = None
+                    ) -> Policy:
+  """The policy in an HF folder (family from config.json), params placed on `mesh`.
+
+  `dtype` ("bfloat16", "float32") sets both the stored and the computation dtype; default
+  float32. Tensors stream from disk one at a time (see hf_io).
+  """
+  import transformers  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+    model_type = json.load(f).get("model_type")
+  family = family_of(model_type)
+  config = family.config_class.from_hf(transformers.AutoConfig.from_pretrained(folder))
+  if dtype:
+    config = config.with_runtime(dtype=dtype, param_dtype=dtype)
+  boxed, _ = _boxed_abstract_params(family, config)
+  params = hf_io.load_params(folder, family.rules(config), nn.unbox(boxed),
+                             _shardings(boxed, mesh))
+  has_tokenizer = any(os.path.isfile(os.path.join(folder, n))
+                      for n in ("tokenizer.json", "tokenizer.model"))
+  processor = family.processor_from_pretrained(folder) if has_tokenizer else None
+  return Policy(family, config, params, processor, mesh, source=folder)
+
+
+def init_random(config: Any, rng: jax.Array, *, mesh: Mesh | None = None,
+                processor: Any = None) -> Policy:
+  """A randomly initialised policy of `config`'s architecture (tests, CapWorld)."""
+  family = next((f for f in _FAMILIES.values() if isinstance(config, f.config_class)), None)
+  if family is None:
+    raise TypeError(f"{type(config).__name__} is not the config of a registered model family")
+  module = family.module(config)
+  boxed, inputs = _boxed_abstract_params(family, config)
+  init = lambda key: module.init(key, **inputs)["params"]
+  if mesh is None:
+    params = jax.jit(lambda key: nn.unbox(init(key)))(rng)
+  else:
+    params = parallel.sharded_init(init, mesh, rng)
+  return Policy(family, config, params, processor, mesh)
+
+
+def architecture_from_config(model_config) -> Any:
+  """The family config described by `config.model` (architecture + dtypes + remat)."""
+  architecture = dict(model_config.architecture.to_dict())
+  family = family_of(architecture.get("family"))
+  return family.config_class.from_dict(architecture).with_runtime(
+      dtype=model_config.dtype, param_dtype=model_config.param_dtype, remat=model_config.remat)
+
+
+def policy_from_config(model_config, rng: jax.Array, mesh: Mesh | None = None) -> Policy:
+  """The policy `config.model` asks for: its checkpoint if set (checked against the
+  architecture, when one is given), else a random initialisation of the architecture."""
+  if not model_config.checkpoint:
+    return init_random(architecture_from_config(model_config), rng, mesh=mesh)
+  policy = load_pretrained(model_config.checkpoint, mesh=mesh, dtype=model_config.param_dtype)
+  policy.config = policy.config.with_runtime(dtype=model_config.dtype,
+                                             remat=model_config.remat)
+  if model_config.architecture:
+    expected = architecture_from_config(model_config).architecture()
+    found = policy.config.architecture()
+    differences = _differences(expected, found)
+    if differences:
+      raise ValueError(f"config.model.checkpoint {model_config.checkpoint} does not have the "
+                       "architecture of config.model.architecture: " + "; ".join(differences))
+  return policy
+
+
+def _differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
+  differences = []
+  for key in sorted(set(expected) | set(found)):
+    a, b = expected.get(key), found.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      differences += _differences(a, b, f"{prefix}{key}.")
+    elif a != b:
+      differences.append(f"{prefix}{key}: config says {a!r}, checkpoint has {b!r}")
+  return differences

@@ -1,0 +1,284 @@
+"""Qwen2.5-VL: the vision tower's features scattered into the `<|image_pad|>` tokens of the LM.
+
+Device side, `QwenVL` is one jittable function of arrays. Host side, `prepare_inputs` turns a
+processor batch (transformers' field names) into everything the device needs: the 3-D M-RoPE
+position ids of text + image tokens (the reference's `get_rope_index`), the `rope_deltas` a
+sampler adds to decode positions, and the vision tower's window/image layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from balcap.models import policy, qwen_vision
+from balcap.models.hf_io import Rule
+from balcap.models.qwen2_lm import QwenLM, QwenLMConfig, lm_rules
+from balcap.models.qwen_vision import QwenVisionConfig, QwenVisionTower
+
+MODEL_TYPE = "qwen2_5_vl"
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVLConfig:
+  text: QwenLMConfig
+  vision: QwenVisionConfig
+  image_token_id: int = 151655
+  video_token_id: int = 151656
+  vision_start_token_id: int = 151652
+  vision_end_token_id: int = 151653
+  eos_token_ids: tuple[int, ...] = (151645,)
+
+  @property
+  def tie_word_embeddings(self) -> bool:
+    return self.text.tie_word_embeddings
+
+  def with_runtime(self, *, dtype: str | None = None, param_dtype: str | None = None,
+                   remat: str | None = None) -> QwenVLConfig:
+    """The same architecture computing in `dtype`, storing params in `param_dtype`, with the
+    `remat` policy, in both towers (None keeps a setting)."""
+    changes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype),
+                                 ("remat", remat)) if v}
+    return dataclasses.replace(self, text=dataclasses.replace(self.text, **changes),
+                               vision=dataclasses.replace(self.vision, **changes))
+
+  def architecture(self) -> dict[str, Any]:
+    """The architecture as a plain dict (config files' `model.architecture`), no runtime."""
+    runtime = ("dtype", "param_dtype", "remat")
+    strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in runtime}
+    return {"family": MODEL_TYPE, "text": strip(self.text), "vision": strip(self.vision),
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("text", "vision")}}
+
+  @classmethod
+  def from_dict(cls, architecture: dict[str, Any]) -> QwenVLConfig:
+    """The inverse of `architecture()`; unknown or missing fields are named."""
+    architecture = {k: v for k, v in architecture.items() if k != "family"}
+    text = _construct(QwenLMConfig, architecture.pop("text", None), "text")
+    vision = _construct(QwenVisionConfig, architecture.pop("vision", None), "vision")
+    top = _construct(cls, {**architecture, "text": text, "vision": vision}, "")
+    return top
+
+  @classmethod
+  def from_hf(cls, hf_config) -> QwenVLConfig:
+    """From a transformers `Qwen2_5_VLConfig` (any config.json layout, normalised by it)."""
+    text = hf_config.text_config
+    rope = dict(text.rope_parameters or {})
+    eos = text.eos_token_id if text.eos_token_id is not None else 151645
+    return cls(
+        text=QwenLMConfig(
+            vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size, num_layers=text.num_hidden_layers,
+            num_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads,
+            rope_theta=float(rope.get("rope_theta", 1_000_000.0)),
+            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+            rms_norm_eps=text.rms_norm_eps, hidden_act=text.hidden_act,
+            tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+            max_position_embeddings=text.max_position_embeddings),
+        vision=QwenVisionConfig.from_hf(hf_config.vision_config.to_dict()),
+        image_token_id=hf_config.image_token_id, video_token_id=hf_config.video_token_id,
+        vision_start_token_id=hf_config.vision_start_token_id,
+        vision_end_token_id=hf_config.vision_end_token_id,
+        eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
+
+  def to_hf(self):
+    """The transformers config object that `save_pretrained` writes as config.json."""
+    import transformers  # pylint: disable=import-outside-toplevel
+    t = self.text
+    return transformers.Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+            rms_norm_eps=t.rms_norm_eps, hidden_act=t.hidden_act,
+            max_position_embeddings=t.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
+                             "mrope_section": list(t.mrope_section)},
+            eos_token_id=self.eos_token_ids[0], tie_word_embeddings=t.tie_word_embeddings),
+        vision_config=self.vision.to_hf(),
+        image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+        vision_start_token_id=self.vision_start_token_id,
+        vision_end_token_id=self.vision_end_token_id,
+        tie_word_embeddings=t.tie_word_embeddings, dtype=t.param_dtype)
+
+
+def _construct(config_class, values: dict[str, Any] | None, where: str):
+  """config_class(**values) with sequences as tuples, and errors that name the field."""
+  if values is None:
+    raise KeyError(f"the architecture has no '{where}' section")
+  fields = {f.name for f in dataclasses.fields(config_class)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise KeyError(f"{where + '.' if where else ''}{unknown[0]} is not a field of "
+                   f"{config_class.__name__} (fields: {sorted(fields)})")
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+  try:
+    return config_class(**values)
+  except TypeError as e:  # a required field is missing
+    raise KeyError(f"{where or 'architecture'}: {e}") from e
+
+
+def scatter_image_features(embeddings: jax.Array, is_image: jax.Array,
+                           features: jax.Array) -> jax.Array:
+  """The k-th image token (row-major over the batch) takes features[k].
+
+  embeddings [B, T, D], is_image [B, T], features [N, D] with N >= the number of image tokens
+  (extra rows are padding of the vision tower's static shape and are never taken).
+  """
+  batch, length, width = embeddings.shape
+  flat = is_image.reshape(-1)
+  index = jnp.clip(jnp.cumsum(flat) - 1, 0, features.shape[0] - 1)
+  taken = features[index].astype(embeddings.dtype)
+  return jnp.where(flat[:, None], taken, embeddings.reshape(-1, width)).reshape(batch, length,
+                                                                                 width)
+
+
+class QwenVL(nn.Module):
+  config: QwenVLConfig
+
+  def setup(self):
+    self.visual = QwenVisionTower(self.config.vision)
+    self.lm = QwenLM(self.config.text)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
+               pixel_values: jax.Array | None = None,
+               vision_layout: dict[str, jax.Array] | None = None) -> jax.Array:
+    """Logits [B, T, V] (float32) for token ids [B, T] with images' patches already processed.
+
+    position_ids [3, B, T] and vision_layout come from `prepare_inputs`.
+    """
+    embeddings = self.lm.embed(input_ids)
+    if pixel_values is not None:
+      features = self.visual(pixel_values, vision_layout)
+      embeddings = scatter_image_features(embeddings, input_ids == self.config.image_token_id,
+                                          features)
+    return self.lm(embeddings, position_ids, attention_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: position ids and layouts
+
+
+def rope_index(input_ids: np.ndarray, attention_mask: np.ndarray,
+               image_grid_thw: np.ndarray | None, image_token_id: int,
+               spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """M-RoPE position ids [3, B, T] and rope_deltas [B], as transformers' `get_rope_index`.
+
+  Text tokens count up by one on all three axes. An image's tokens get (t, h, w) = start +
+  their grid coordinates (in merged patches), and the text after it starts at
+  start + max(h, w). Padding gets position 0. rope_delta = max position + 1 - real length, so
+  a decode step at real length L is at position L + rope_delta on every axis.
+  """
+  batch, length = input_ids.shape
+  positions = np.zeros((3, batch, length), np.int32)
+  deltas = np.zeros((batch,), np.int32)
+  grids = iter(np.asarray(image_grid_thw).tolist() if image_grid_thw is not None else [])
+  for row in range(batch):
+    real = np.flatnonzero(attention_mask[row])
+    ids = input_ids[row, real]
+    row_positions = np.zeros((3, len(ids)), np.int64)
+    current, i = 0, 0
+    while i < len(ids):
+      if ids[i] != image_token_id:
+        end = i
+        while end < len(ids) and ids[end] != image_token_id:
+          end += 1
+        row_positions[:, i:end] = current + np.arange(end - i)
+        current += end - i
+        i = end
+        continue
+      grid = next(grids, None)
+      if grid is None:
+        raise ValueError(f"row {row} has more image tokens than image_grid_thw has images")
+      t, h, w = (int(grid[0]), int(grid[1]) // spatial_merge_size,
+                 int(grid[2]) // spatial_merge_size)
+      count = t * h * w
+      if not np.all(ids[i:i + count] == image_token_id):
+        raise ValueError(f"row {row}: an image of grid {tuple(grid)} needs {count} image tokens "
+                         f"at position {real[i]}, found fewer")
+      tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+      row_positions[:, i:i + count] = current + np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
+      current += max(h, w)
+      i += count
+    positions[:, row, real] = row_positions
+    deltas[row] = (row_positions.max() + 1 if len(ids) else 0) - len(ids)
+  if next(grids, None) is not None:
+    raise ValueError("image_grid_thw has more images than the token ids have image tokens")
+  return positions, deltas
+
+
+def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], **layout_sizes
+                   ) -> dict[str, Any]:
+  """A processor batch plus `position_ids`, `rope_deltas` and (with images) `vision_layout`.
+
+  `layout_sizes` pads the vision layout to static sizes (see `qwen_vision.vision_layout`), so
+  one compiled program serves every image grid that fits.
+  """
+  input_ids = np.asarray(batch["input_ids"])
+  attention_mask = np.asarray(batch["attention_mask"])
+  grid = batch.get("image_grid_thw")
+  positions, deltas = rope_index(input_ids, attention_mask, grid, config.image_token_id,
+                                 config.vision.spatial_merge_size)
+  prepared = dict(batch, position_ids=positions, rope_deltas=deltas)
+  if batch.get("pixel_values") is not None:
+    grid = np.asarray(grid)
+    image_tokens = int(((input_ids == config.image_token_id) & (attention_mask > 0)).sum())
+    features = int(grid.prod(axis=1).sum()) // config.vision.spatial_merge_size ** 2
+    if image_tokens != features:
+      raise ValueError(f"the batch has {image_tokens} image tokens but its images make "
+                       f"{features} features (image_grid_thw {grid.tolist()})")
+    layout = qwen_vision.vision_layout(grid, config.vision, **layout_sizes)
+    prepared["vision_layout"] = layout
+    pixels = np.asarray(batch["pixel_values"])
+    padded = layout_sizes.get("num_patches") or pixels.shape[0]
+    if padded > pixels.shape[0]:
+      pixels = np.concatenate([pixels, np.zeros((padded - pixels.shape[0], pixels.shape[1]),
+                                                pixels.dtype)])
+    prepared["pixel_values"] = pixels
+  return prepared
+
+
+def model_rules(config: QwenVLConfig) -> tuple[Rule, ...]:
+  """The whole checkpoint table: vision tower + decoder (published and transformers-5 names)."""
+  del config  # one table serves every size; tied embeddings are handled by `optional`
+  vision = qwen_vision.vision_rules("visual", "visual.")
+  older = qwen_vision.vision_rules("visual", "model.visual.")  # some transformers 4.x saves
+  vision = tuple(dataclasses.replace(r, names=r.names + o.names) for r, o in zip(vision, older))
+  return vision + lm_rules("lm")
+
+
+def example_batch(config: QwenVLConfig) -> dict[str, np.ndarray]:
+  """The smallest batch that runs every parameter: one image of 2x2 merged patches + text."""
+  v = config.vision
+  side = 2 * v.spatial_merge_size
+  features = (side // v.spatial_merge_size) ** 2
+  ids = [config.vision_start_token_id] + [config.image_token_id] * features + [
+      config.vision_end_token_id, 0]
+  return {"input_ids": np.array([ids], np.int32),
+          "attention_mask": np.ones((1, len(ids)), np.int32),
+          "pixel_values": np.zeros((side * side, v.in_channels * v.temporal_patch_size
+                                    * v.patch_size ** 2), np.float32),
+          "image_grid_thw": np.array([[1, side, side]], np.int64)}
+
+
+def hf_shapes(config: QwenVLConfig) -> dict[str, tuple[int, ...]]:
+  """The conv3d shape of the patch embedding, which its flat kernel cannot tell."""
+  v = config.vision
+  return {"visual/patch_embed/kernel": (v.hidden_size, v.in_channels, v.temporal_patch_size,
+                                        v.patch_size, v.patch_size)}
+
+
+def _processor_from_pretrained(folder: str):
+  from balcap.processing.qwen import QwenProcessor  # pylint: disable=import-outside-toplevel
+  return QwenProcessor.from_pretrained(folder)
+
+
+FAMILY = policy.register(policy.Family(
+    model_type=MODEL_TYPE, config_class=QwenVLConfig, module=QwenVL, rules=model_rules,
+    prepare_inputs=prepare_inputs, example_batch=example_batch, hf_shapes=hf_shapes,
+    processor_from_pretrained=_processor_from_pretrained))

@@ -1,0 +1,38 @@
+"""Qwen2.5-VL-7B-Instruct: the architecture as published, the checkpoint, the mesh.
+
+    python -m balcap.main --config=configs/qwen7b.py:hardware=tpu \
+        --config.model.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct --workdir=gs://bucket/runs/7b
+
+`hardware`: `tpu` (a TPU v5e / v4 pod slice: every chip one FSDP shard) or `gpu8` (one host
+with 8 GPUs: FSDP over 8, tensor parallel for decoding speed off) or `cpu` (smoke tests).
+The architecture below is checked against the checkpoint's config.json when both are given.
+RL settings arrive with the learner.
+"""
+
+from balcap import configs
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, mode="train", hardware="tpu")
+  c = configs.base_config()
+  c.mode = arg.mode
+  c.model.checkpoint = ""  # the HF folder of Qwen/Qwen2.5-VL-7B-Instruct
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat = "full"  # 28 layers of 3584 at RL batch sizes do not fit without it
+  c.model.architecture = {
+      "family": "qwen2_5_vl",
+      # From Qwen/Qwen2.5-VL-7B-Instruct config.json (transformers 4.41.2 format).
+      "text": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                   num_heads=28, num_kv_heads=4, rope_theta=1_000_000.0,
+                   mrope_section=(16, 24, 24), rms_norm_eps=1e-6, hidden_act="silu",
+                   tie_word_embeddings=False, max_position_embeddings=128_000),
+      "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                     out_hidden_size=3584, in_channels=3, patch_size=14, temporal_patch_size=2,
+                     spatial_merge_size=2, window_size=112, fullatt_block_indexes=(7, 15, 23, 31),
+                     hidden_act="silu", tokens_per_second=2),
+      "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+      "vision_end_token_id": 151653, "eos_token_ids": (151645,),
+  }
+  c.mesh = configs.mesh_preset(arg.hardware)
+  return c
