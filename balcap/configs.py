@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   # initialised at random from `architecture` (tests, the CapWorld demo).
   c.model = ml_collections.ConfigDict()
   c.model.checkpoint = ""
+  # A folder with the tokenizer files (tokenizer.json, ...); "" = the checkpoint's own.
+  c.model.tokenizer = ""
   c.model.dtype = "bfloat16"       # computation dtype of activations and matmuls
   c.model.param_dtype = "float32"  # stored parameters (float32 master weights for training)
   c.model.remat = "none"           # per-layer activation checkpointing: none|full|dots|dots_no_batch

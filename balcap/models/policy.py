@@ -42,7 +42,8 @@ class Family:
   prepare_inputs: Callable[..., dict]              # (config, processor batch) -> model inputs
   example_batch: Callable[[Any], dict]             # a tiny processor-style batch for init
   hf_shapes: Callable[[Any], dict]                 # checkpoint shapes the params cannot tell
-  processor_from_pretrained: Callable[[str], Any]  # folder -> processor
+  # (folder with tokenizer files, config.model or None) -> processor
+  processor_from_pretrained: Callable[..., Any]
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -136,6 +137,15 @@ def _shardings(boxed: Any, mesh: Mesh | None) -> Any:
   return parallel.param_shardings(boxed, mesh)
 
 
+def checkpoint_config(folder: str) -> tuple[Family, Any]:
+  """The family and balcap config of an HF folder, from its config.json alone."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+    model_type = json.load(f).get("model_type")
+  family = family_of(model_type)
+  return family, family.config_class.from_hf(transformers.AutoConfig.from_pretrained(folder))
+
+
 def load_pretrained(folder: str, *, dtype: str | None = None, mesh: Mesh | None = None
                     ) -> Policy:
   """The policy in an HF folder (family from config.json), params placed on `mesh`.
@@ -143,19 +153,13 @@ def load_pretrained(folder: str, *, dtype: str | None = None, mesh: Mesh | None 
   `dtype` ("bfloat16", "float32") sets both the stored and the computation dtype; default
   float32. Tensors stream from disk one at a time (see hf_io).
   """
-  import transformers  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-    model_type = json.load(f).get("model_type")
-  family = family_of(model_type)
-  config = family.config_class.from_hf(transformers.AutoConfig.from_pretrained(folder))
+  family, config = checkpoint_config(folder)
   if dtype:
     config = config.with_runtime(dtype=dtype, param_dtype=dtype)
   boxed, _ = _boxed_abstract_params(family, config)
   params = hf_io.load_params(folder, family.rules(config), nn.unbox(boxed),
                              _shardings(boxed, mesh))
-  has_tokenizer = any(os.path.isfile(os.path.join(folder, n))
-                      for n in ("tokenizer.json", "tokenizer.model"))
-  processor = family.processor_from_pretrained(folder) if has_tokenizer else None
+  processor = family.processor_from_pretrained(folder) if _has_tokenizer(folder) else None
   return Policy(family, config, params, processor, mesh, source=folder)
 
 
@@ -187,17 +191,33 @@ def policy_from_config(model_config, rng: jax.Array, mesh: Mesh | None = None) -
   """The policy `config.model` asks for: its checkpoint if set (checked against the
   architecture, when one is given), else a random initialisation of the architecture."""
   if not model_config.checkpoint:
-    return init_random(architecture_from_config(model_config), rng, mesh=mesh)
-  policy = load_pretrained(model_config.checkpoint, mesh=mesh, dtype=model_config.param_dtype)
-  policy.config = policy.config.with_runtime(dtype=model_config.dtype,
-                                             remat=model_config.remat)
-  if model_config.architecture:
+    policy = init_random(architecture_from_config(model_config), rng, mesh=mesh)
+  else:
+    policy = _load_checked(model_config, mesh)
+  if model_config.tokenizer and not _has_tokenizer(model_config.tokenizer):
+    raise FileNotFoundError(f"config.model.tokenizer={model_config.tokenizer!r} has no "
+                            "tokenizer.json or tokenizer.model")
+  tokenizer = model_config.tokenizer or model_config.checkpoint
+  if tokenizer and _has_tokenizer(tokenizer):
+    policy.processor = policy.family.processor_from_pretrained(tokenizer, model_config)
+  return policy
+
+
+def _has_tokenizer(folder: str) -> bool:
+  return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model"))
+
+
+def _load_checked(model_config, mesh: Mesh | None) -> Policy:
+  if model_config.architecture:  # compare before reading gigabytes of weights
     expected = architecture_from_config(model_config).architecture()
-    found = policy.config.architecture()
+    found = checkpoint_config(model_config.checkpoint)[1].architecture()
     differences = _differences(expected, found)
     if differences:
       raise ValueError(f"config.model.checkpoint {model_config.checkpoint} does not have the "
                        "architecture of config.model.architecture: " + "; ".join(differences))
+  policy = load_pretrained(model_config.checkpoint, mesh=mesh, dtype=model_config.param_dtype)
+  policy.config = policy.config.with_runtime(dtype=model_config.dtype,
+                                             remat=model_config.remat)
   return policy
 
 

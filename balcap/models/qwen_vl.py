@@ -273,9 +273,15 @@ def hf_shapes(config: QwenVLConfig) -> dict[str, tuple[int, ...]]:
                                         v.patch_size, v.patch_size)}
 
 
-def _processor_from_pretrained(folder: str):
+def _processor_from_pretrained(folder: str, model_config=None):
+  """The folder's tokenizer and image settings; `config.model`'s pixel bounds win if given."""
   from balcap.processing.qwen import QwenProcessor  # pylint: disable=import-outside-toplevel
-  return QwenProcessor.from_pretrained(folder)
+  processor = QwenProcessor.from_pretrained(folder)
+  if model_config is not None:
+    processor.image_config = dataclasses.replace(processor.image_config,
+                                                 min_pixels=model_config.min_pixels,
+                                                 max_pixels=model_config.max_pixels)
+  return processor
 
 
 FAMILY = policy.register(policy.Family(

@@ -102,3 +102,15 @@ def test_remat_changes_memory_not_results():
     result = loss_and_grads(policy)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), result,
                  reference)
+
+
+def test_config_pixel_bounds_reach_the_processor(real_vocab_checkpoint):
+  folder, _ = real_vocab_checkpoint
+  model_config = _tiny_model_config()
+  model_config.architecture = {}
+  model_config.checkpoint = folder
+  model_config.min_pixels, model_config.max_pixels = 28 * 28, 56 * 56
+  policy = models.policy_from_config(model_config, jax.random.key(0))
+  batch = policy.processor(prompts=["Describe."], images=[noise(400, 300, 2)])
+  t, h, w = batch["image_grid_thw"][0]
+  assert h * w * 14 * 14 <= 56 * 56
