@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"       # computation dtype of activations and matmuls
   c.model.param_dtype = "float32"  # stored parameters (float32 master weights for training)
   c.model.remat = "none"           # per-layer activation checkpointing: none|full|dots|dots_no_batch
+  # Decoder layers under nn.scan (fast compiles, the TPU/GPU choice) or unrolled (faster
+  # decoding on CPUs, where a scan copies each layer's weights out of the stack every step).
+  c.model.scan_layers = True
   c.model.min_pixels = 56 * 56     # Qwen2.5-VL processor: each image is resized to between
   c.model.max_pixels = 28 * 28 * 1280  # min and max pixels (multiples of 28 px per side)
   # The architecture in its family's spelling ({"family": "qwen2_5_vl", "text": {...},

@@ -56,7 +56,9 @@ TRANSFORMS = {
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """One checkpoint tensor (or one per layer, stacked on axis 0) <-> one parameter."""
+  """One checkpoint tensor <-> one parameter; with "{layer}" in the names, one tensor per
+  layer, either stacked on axis 0 of one parameter or, with "{layer}" in `param` too, one
+  parameter per layer (unrolled layers)."""
   names: tuple[str, ...]     # accepted HF names; names[0] is written. "{layer}": layer number
   param: str                 # "/"-separated path in the params tree
   transform: str = "identity"
@@ -66,7 +68,7 @@ class Rule:
 
   @property
   def stacked(self) -> bool:
-    return LAYER in self.names[0]
+    return LAYER in self.names[0] and LAYER not in self.param
 
   def patterns(self) -> list[re.Pattern]:
     return [re.compile(re.escape(n).replace(re.escape(LAYER), r"(?P<layer>\d+)") + "$")
@@ -117,10 +119,26 @@ def _param_leaves(tree: Any) -> dict[str, Any]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _concrete(rules: Iterable[Rule], leaves: dict[str, Any]) -> list[Rule]:
+  """Per-layer rules (`{layer}` in `param`) spelled out for each layer the model has."""
+  concrete = []
+  for rule in rules:
+    if LAYER not in rule.param:
+      concrete.append(rule)
+      continue
+    pattern = re.compile(
+        re.escape(rule.param).replace(re.escape(LAYER), r"(?P<layer>\d+)") + "$")
+    layers = sorted(int(m.group("layer")) for m in map(pattern.match, leaves) if m)
+    concrete += [Rule(tuple(n.replace(LAYER, str(i)) for n in rule.names),
+                      rule.param.replace(LAYER, str(i)), rule.transform, rule.optional)
+                 for i in layers]
+  return concrete
+
+
 def _plan(rules: Iterable[Rule], tensors: dict[str, safetensors_io.TensorInfo],
           leaves: dict[str, Any]) -> dict[str, dict[int | None, safetensors_io.TensorInfo]]:
   """For each parameter, its tensor per layer (None for unstacked); raises on any mismatch."""
-  rules = list(rules)
+  rules = _concrete(rules, leaves)
   by_param = {rule.param: rule for rule in rules}
   compiled = [(rule, rule.patterns()) for rule in rules]
   plan: dict[str, dict[int | None, safetensors_io.TensorInfo]] = {}
@@ -198,7 +216,7 @@ def load_params(folder: str, rules: Iterable[Rule], abstract_params: Any,
   tensors = checkpoint_tensors(folder)
   leaves = _param_leaves(abstract_params)
   plan = _plan(rules, tensors, leaves)
-  rules_by_param = {rule.param: rule for rule in rules}
+  rules_by_param = {rule.param: rule for rule in _concrete(rules, leaves)}
   if shardings is None:
     device = SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract_params)
@@ -256,8 +274,9 @@ def hf_tensors(rules: Iterable[Rule], params: Any, hf_shapes: dict[str, tuple[in
   `hf_shapes` gives checkpoint shapes that the flat parameter cannot tell (flatten_conv
   kernels), keyed by parameter path. Arrays sharded over several hosts are gathered.
   """
-  rules_by_param = {rule.param: rule for rule in rules}
-  for param, value in _param_leaves(params).items():
+  leaves = _param_leaves(params)
+  rules_by_param = {rule.param: rule for rule in _concrete(rules, leaves)}
+  for param, value in leaves.items():
     rule = rules_by_param.get(param)
     if rule is None:
       raise CheckpointMismatchError(f"parameter {param} has no rule in the table")

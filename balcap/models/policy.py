@@ -44,6 +44,14 @@ class Family:
   hf_shapes: Callable[[Any], dict]                 # checkpoint shapes the params cannot tell
   # (folder with tokenizer files, config.model or None) -> processor
   processor_from_pretrained: Callable[..., Any]
+  # Sampling: ids never to sample (image/vision tokens), the compute dtype, the position of
+  # each prompt's first generated token, and static sizes that bound recompilation.
+  special_token_ids: Callable[[Any], tuple[int, ...]]
+  compute_dtype: Callable[[Any], str]
+  decode_start: Callable[[Any, dict], np.ndarray]       # (config, prepared) -> [B]
+  layout_buckets: Callable[[Any, dict], dict]           # (config, processor batch) -> sizes
+  # (config, prepared prompts, start [B], G, n) -> positions of prompts + n new tokens, x G
+  continuation_positions: Callable[..., np.ndarray]
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -146,16 +154,16 @@ def checkpoint_config(folder: str) -> tuple[Family, Any]:
   return family, family.config_class.from_hf(transformers.AutoConfig.from_pretrained(folder))
 
 
-def load_pretrained(folder: str, *, dtype: str | None = None, mesh: Mesh | None = None
-                    ) -> Policy:
+def load_pretrained(folder: str, *, dtype: str | None = None, mesh: Mesh | None = None,
+                    scan_layers: bool = True) -> Policy:
   """The policy in an HF folder (family from config.json), params placed on `mesh`.
 
   `dtype` ("bfloat16", "float32") sets both the stored and the computation dtype; default
-  float32. Tensors stream from disk one at a time (see hf_io).
+  float32. `scan_layers=False` unrolls the decoder's layers (faster CPU decoding). Tensors
+  stream from disk one at a time (see hf_io).
   """
   family, config = checkpoint_config(folder)
-  if dtype:
-    config = config.with_runtime(dtype=dtype, param_dtype=dtype)
+  config = config.with_runtime(dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
   boxed, _ = _boxed_abstract_params(family, config)
   params = hf_io.load_params(folder, family.rules(config), nn.unbox(boxed),
                              _shardings(boxed, mesh))
@@ -184,7 +192,8 @@ def architecture_from_config(model_config) -> Any:
   architecture = dict(model_config.architecture.to_dict())
   family = family_of(architecture.get("family"))
   return family.config_class.from_dict(architecture).with_runtime(
-      dtype=model_config.dtype, param_dtype=model_config.param_dtype, remat=model_config.remat)
+      dtype=model_config.dtype, param_dtype=model_config.param_dtype, remat=model_config.remat,
+      scan_layers=model_config.scan_layers)
 
 
 def policy_from_config(model_config, rng: jax.Array, mesh: Mesh | None = None) -> Policy:
@@ -215,7 +224,8 @@ def _load_checked(model_config, mesh: Mesh | None) -> Policy:
     if differences:
       raise ValueError(f"config.model.checkpoint {model_config.checkpoint} does not have the "
                        "architecture of config.model.architecture: " + "; ".join(differences))
-  policy = load_pretrained(model_config.checkpoint, mesh=mesh, dtype=model_config.param_dtype)
+  policy = load_pretrained(model_config.checkpoint, mesh=mesh, dtype=model_config.param_dtype,
+                           scan_layers=model_config.scan_layers)
   policy.config = policy.config.with_runtime(dtype=model_config.dtype,
                                              remat=model_config.remat)
   return policy

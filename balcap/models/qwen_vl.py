@@ -39,17 +39,20 @@ class QwenVLConfig:
     return self.text.tie_word_embeddings
 
   def with_runtime(self, *, dtype: str | None = None, param_dtype: str | None = None,
-                   remat: str | None = None) -> QwenVLConfig:
+                   remat: str | None = None, scan_layers: bool | None = None) -> QwenVLConfig:
     """The same architecture computing in `dtype`, storing params in `param_dtype`, with the
-    `remat` policy, in both towers (None keeps a setting)."""
+    `remat` policy (both towers) and the decoder's layers scanned or not (None keeps)."""
     changes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype),
                                  ("remat", remat)) if v}
-    return dataclasses.replace(self, text=dataclasses.replace(self.text, **changes),
+    text = dataclasses.replace(self.text, **changes)
+    if scan_layers is not None:
+      text = dataclasses.replace(text, scan_layers=scan_layers)
+    return dataclasses.replace(self, text=text,
                                vision=dataclasses.replace(self.vision, **changes))
 
   def architecture(self) -> dict[str, Any]:
     """The architecture as a plain dict (config files' `model.architecture`), no runtime."""
-    runtime = ("dtype", "param_dtype", "remat")
+    runtime = ("dtype", "param_dtype", "remat", "scan_layers")
     strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in runtime}
     return {"family": MODEL_TYPE, "text": strip(self.text), "vision": strip(self.vision),
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -123,41 +126,71 @@ def _construct(config_class, values: dict[str, Any] | None, where: str):
     raise KeyError(f"{where or 'architecture'}: {e}") from e
 
 
-def scatter_image_features(embeddings: jax.Array, is_image: jax.Array,
-                           features: jax.Array) -> jax.Array:
-  """The k-th image token (row-major over the batch) takes features[k].
+def scatter_image_features(embeddings: jax.Array, is_image: jax.Array, features: jax.Array,
+                           row_offsets: jax.Array | None = None) -> jax.Array:
+  """Each row's k-th image token takes features[row_offsets[row] + k].
 
-  embeddings [B, T, D], is_image [B, T], features [N, D] with N >= the number of image tokens
-  (extra rows are padding of the vision tower's static shape and are never taken).
+  embeddings [R, T, D], is_image [R, T], features [N, D] (extra rows are padding of the vision
+  tower's static shape and are never taken). row_offsets [R] defaults to each row's first
+  feature when rows hold their own images in order; rows that repeat a prompt (G rollouts)
+  point at that prompt's features instead, so images are encoded once per prompt.
   """
-  batch, length, width = embeddings.shape
-  flat = is_image.reshape(-1)
-  index = jnp.clip(jnp.cumsum(flat) - 1, 0, features.shape[0] - 1)
-  taken = features[index].astype(embeddings.dtype)
-  return jnp.where(flat[:, None], taken, embeddings.reshape(-1, width)).reshape(batch, length,
-                                                                                 width)
+  rows, length, width = embeddings.shape
+  counts = is_image.sum(axis=1)
+  if row_offsets is None:
+    row_offsets = jnp.cumsum(counts) - counts
+  rank = jnp.cumsum(is_image, axis=1) - 1  # k for the k-th image token of a row
+  index = jnp.clip(row_offsets[:, None] + rank, 0, features.shape[0] - 1)
+  taken = features[index.reshape(-1)].astype(embeddings.dtype).reshape(rows, length, width)
+  return jnp.where(is_image[..., None], taken, embeddings)
 
 
 class QwenVL(nn.Module):
+  """The VLM. `__call__` scores whole sequences; `prefill` and `decode` serve the sampler."""
   config: QwenVLConfig
 
   def setup(self):
     self.visual = QwenVisionTower(self.config.vision)
     self.lm = QwenLM(self.config.text)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
-               pixel_values: jax.Array | None = None,
-               vision_layout: dict[str, jax.Array] | None = None) -> jax.Array:
-    """Logits [B, T, V] (float32) for token ids [B, T] with images' patches already processed.
-
-    position_ids [3, B, T] and vision_layout come from `prepare_inputs`.
-    """
+  def _embed(self, input_ids, pixel_values, vision_layout, image_row_offsets):
     embeddings = self.lm.embed(input_ids)
     if pixel_values is not None:
       features = self.visual(pixel_values, vision_layout)
       embeddings = scatter_image_features(embeddings, input_ids == self.config.image_token_id,
-                                          features)
-    return self.lm(embeddings, position_ids, attention_mask)
+                                          features, image_row_offsets)
+    return embeddings
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
+               pixel_values: jax.Array | None = None,
+               vision_layout: dict[str, jax.Array] | None = None,
+               image_row_offsets: jax.Array | None = None,
+               logits_window: tuple[int, int] | None = None) -> jax.Array:
+    """Logits [R, T, V] (float32) for token ids [R, T] with images' patches already processed.
+
+    position_ids [3, R, T] and vision_layout come from `prepare_inputs`; image_row_offsets
+    (see `scatter_image_features`) lets R = B x G rows share B prompts' images;
+    logits_window=(start, length) (static) keeps only those positions' logits.
+    """
+    embeddings = self._embed(input_ids, pixel_values, vision_layout, image_row_offsets)
+    return self.lm(embeddings, position_ids, attention_mask, logits_window)
+
+  def prefill(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
+              pixel_values: jax.Array | None = None,
+              vision_layout: dict[str, jax.Array] | None = None,
+              last_index: jax.Array | None = None):
+    """The prompt once: logits [B, V] after its last token and every layer's (k, v)."""
+    if last_index is None:
+      last_index = jnp.full((input_ids.shape[0],), input_ids.shape[1] - 1)
+    embeddings = self._embed(input_ids, pixel_values, vision_layout, None)
+    return self.lm.prefill(embeddings, position_ids, attention_mask, last_index)
+
+  def decode(self, token_ids: jax.Array, positions: jax.Array, cache, mask):
+    """One token per row: token_ids [R] at positions [R] (text positions are equal on the
+    three M-RoPE axes) -> logits [R, V] and the updated cache."""
+    embeddings = self.lm.embed(token_ids[:, None])
+    positions = jnp.broadcast_to(positions[None, :, None], (3,) + token_ids.shape + (1,))
+    return self.lm.decode(embeddings, positions, cache, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,11 +278,11 @@ def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], **layout_sizes
 
 def model_rules(config: QwenVLConfig) -> tuple[Rule, ...]:
   """The whole checkpoint table: vision tower + decoder (published and transformers-5 names)."""
-  del config  # one table serves every size; tied embeddings are handled by `optional`
+  # One table serves every size; tied embeddings are handled by `optional`.
   vision = qwen_vision.vision_rules("visual", "visual.")
   older = qwen_vision.vision_rules("visual", "model.visual.")  # some transformers 4.x saves
   vision = tuple(dataclasses.replace(r, names=r.names + o.names) for r, o in zip(vision, older))
-  return vision + lm_rules("lm")
+  return vision + lm_rules("lm", scan_layers=config.text.scan_layers)
 
 
 def example_batch(config: QwenVLConfig) -> dict[str, np.ndarray]:
@@ -284,7 +317,46 @@ def _processor_from_pretrained(folder: str, model_config=None):
   return processor
 
 
+def special_token_ids(config: QwenVLConfig) -> tuple[int, ...]:
+  """Tokens a caption must never contain: they would be read as image placeholders."""
+  return (config.image_token_id, config.video_token_id, config.vision_start_token_id,
+          config.vision_end_token_id)
+
+
+def decode_start(config: QwenVLConfig, prepared: dict[str, Any]) -> np.ndarray:
+  """[B] position of each prompt's first generated token: real length + rope delta."""
+  del config
+  return (np.asarray(prepared["attention_mask"]).sum(axis=1)
+          + np.asarray(prepared["rope_deltas"])).astype(np.int32)
+
+
+def layout_buckets(config: QwenVLConfig, batch: dict[str, Any]) -> dict[str, int]:
+  """Vision layout sizes rounded up to powers of two: a bounded number of programs."""
+  if batch.get("image_grid_thw") is None:
+    return {}
+  sizes = qwen_vision.required_sizes(np.asarray(batch["image_grid_thw"]), config.vision)
+  power = lambda n: 1 << max(int(n) - 1, 0).bit_length()
+  buckets = {k: power(v) for k, v in sizes.items()}
+  buckets["num_patches"] = qwen_vision.round_up(buckets["num_patches"],
+                                                config.vision.merge_unit)
+  return buckets
+
+
+def continuation_positions(config: QwenVLConfig, prepared: dict[str, Any], start: np.ndarray,
+                           num_samples: int, length: int) -> np.ndarray:
+  """[3, B * G, T + n]: each prompt's M-RoPE positions, repeated G times, then n generated
+  tokens counting up from `start` equally on the three axes."""
+  del config
+  prompt = np.repeat(np.asarray(prepared["position_ids"]), num_samples, axis=1)
+  generated = np.repeat(start, num_samples)[:, None] + np.arange(length)[None]
+  generated = np.broadcast_to(generated[None], (3,) + generated.shape)
+  return np.concatenate([prompt, generated], axis=-1).astype(np.int32)
+
+
 FAMILY = policy.register(policy.Family(
     model_type=MODEL_TYPE, config_class=QwenVLConfig, module=QwenVL, rules=model_rules,
     prepare_inputs=prepare_inputs, example_batch=example_batch, hf_shapes=hf_shapes,
-    processor_from_pretrained=_processor_from_pretrained))
+    processor_from_pretrained=_processor_from_pretrained,
+    special_token_ids=special_token_ids, compute_dtype=lambda config: config.text.dtype,
+    decode_start=decode_start, layout_buckets=layout_buckets,
+    continuation_positions=continuation_positions))

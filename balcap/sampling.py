@@ -1,0 +1,297 @@
+"""The sampler: G rollouts per prompt with a KV cache, in one jitted program per input shape.
+
+    rollouts = generate(policy, policy.params, batch, rng, max_new_tokens=128, num_samples=8)
+
+Each prompt is prefilled once (image + text); its keys and values serve its G rollouts (see
+`models/decoding.py`). Decoding runs in a `lax.while_loop` that stops as soon as every row has
+emitted an end-of-sequence token, with the cache carried (and updated in place) through the
+loop. Prompt lengths and the vision layout are padded to buckets, so an RL run compiles a
+bounded number of programs; each new one is logged.
+
+`Rollouts.logprobs` are log-probabilities of the chosen tokens under softmax(logits /
+temperature) over the full vocabulary (softmax(logits) when greedy): exactly what a trainer
+computes for the same tokens (see `scoring.py`), so sampler and learner agree to float
+precision. Top-k / top-p truncation and forbidden ids shape which token is drawn but are not
+folded into the reported log-probability.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from balcap import parallel
+from balcap.models import decoding
+
+log = logging.getLogger(__name__)
+
+PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Everything static about one sampler program (a change compiles a new one)."""
+  max_new_tokens: int
+  num_samples: int = 1
+  temperature: float = 1.0   # 0: greedy
+  top_p: float = 1.0         # nucleus: the smallest set of tokens with this much probability
+  top_k: int = 0             # 0: no top-k truncation
+  eos_token_ids: tuple[int, ...] = ()
+  forbidden_token_ids: tuple[int, ...] = ()
+  pad_token_id: int = 0
+  cache_dtype: str = "float32"
+
+  def __post_init__(self):
+    problems = []
+    if self.max_new_tokens < 1:
+      problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+    if self.num_samples < 1:
+      problems.append(f"num_samples={self.num_samples} must be >= 1")
+    if self.temperature < 0:
+      problems.append(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+    if not 0 < self.top_p <= 1:
+      problems.append(f"top_p={self.top_p} must be in (0, 1]")
+    if self.top_k < 0:
+      problems.append(f"top_k={self.top_k} must be >= 0 (0 = off)")
+    if problems:
+      raise ValueError("invalid sampling parameters: " + "; ".join(problems))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rollouts:
+  """Row r = rollout r % G of prompt r // G."""
+  tokens: jax.Array    # [B * G, max_new_tokens] int32, pad_token_id after the end
+  logprobs: jax.Array  # [B * G, max_new_tokens] float32, 0 after the end
+  lengths: jax.Array   # [B * G] int32 generated tokens, the end-of-sequence token included
+  finished: jax.Array  # [B * G] bool: ended with an end-of-sequence token
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing one token per row
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row of logits [R, V]; returns (tokens [R], logprobs [R]).
+
+  Forbidden ids are removed, then (temperature > 0) logits are divided by the temperature,
+  cut to the top k and to the nucleus of top_p, and sampled in proportion to what is left.
+  Logprobs as in the module docstring.
+  """
+  logits = logits.astype(jnp.float32)
+  scaled = logits / params.temperature if params.temperature > 0 else logits
+  peak = jnp.max(scaled, axis=-1, keepdims=True)
+  weights = jnp.exp(scaled - peak)  # unnormalised probabilities of the full distribution
+  log_total = jnp.log(jnp.sum(weights, axis=-1)) + peak[:, 0]
+  allowed = jnp.ones(logits.shape[-1], bool)
+  if params.forbidden_token_ids:
+    allowed = allowed.at[jnp.asarray(params.forbidden_token_ids)].set(False)
+  if params.temperature == 0:
+    tokens = _first_argmax(jnp.where(allowed, logits, -jnp.inf))
+  else:
+    weights = jnp.where(allowed, weights, 0.0)
+    if params.top_k:
+      kth = jax.lax.top_k(weights, params.top_k)[0][:, -1:]
+      weights = jnp.where(weights >= kth, weights, 0.0)
+    if params.top_p < 1:
+      weights = _nucleus(weights, params.top_p)
+    tokens = _draw(weights, key)
+  tokens = tokens.astype(jnp.int32)
+  chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+  return tokens, chosen - log_total
+
+
+def _first_argmax(x: jax.Array) -> jax.Array:
+  """argmax over the last axis (first index on ties), as max + compare + min: XLA's CPU
+  argmax reduction is several times slower than these two plain reductions."""
+  best = jnp.max(x, axis=-1, keepdims=True)
+  index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(x == best, index, x.shape[-1]), axis=-1)
+
+
+_BLOCK = 128  # vocabulary block of the two-level draw
+
+
+def _draw(weights: jax.Array, key: jax.Array) -> jax.Array:
+  """One index per row with probability weights / sum(weights), by inverse CDF in two levels:
+  a block of 128 ids with probability its weight, then an id within it. Two small cumulative
+  sums instead of one over the whole vocabulary (a long cumsum is slow on CPUs); a zero
+  weight is never drawn."""
+  rows, vocab = weights.shape
+  blocks = -(-vocab // _BLOCK)
+  padded = jnp.pad(weights, ((0, 0), (0, blocks * _BLOCK - vocab))).reshape(rows, blocks, _BLOCK)
+  u_block, u_inner = jax.random.uniform(key, (2, rows, 1), jnp.float32)
+  block_cdf = jnp.cumsum(padded.sum(axis=-1), axis=-1)  # [R, blocks]
+  block = jnp.sum(block_cdf <= u_block * block_cdf[:, -1:], axis=-1)
+  block = jnp.minimum(block, blocks - 1)
+  inner_cdf = jnp.cumsum(jnp.take_along_axis(padded, block[:, None, None], axis=1)[:, 0], axis=-1)
+  inner = jnp.sum(inner_cdf <= u_inner * inner_cdf[:, -1:], axis=-1)
+  return block * _BLOCK + jnp.minimum(inner, _BLOCK - 1)
+
+
+def _nucleus(weights: jax.Array, top_p: float) -> jax.Array:
+  """Zeroes every token outside the smallest top set holding `top_p` of the probability
+  (tokens tied with the last one kept are kept too)."""
+  probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  ordered = -jnp.sort(-probs, axis=-1)
+  before = jnp.cumsum(ordered, axis=-1) - ordered  # probability of the strictly better ones
+  kept = jnp.sum(before < top_p, axis=-1, keepdims=True)  # at least 1
+  threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
+  return jnp.where(probs >= threshold, weights, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The program
+
+
+def _program(module: nn.Module, params_spec: SamplingParams, mesh):
+  """The jitted prefill + decode loop for one module and one set of sampling parameters."""
+  group, steps = params_spec.num_samples, params_spec.max_new_tokens
+  eos = jnp.asarray(params_spec.eos_token_ids or (-1,), jnp.int32)
+  cache_dtype = jnp.dtype(params_spec.cache_dtype)
+
+  def run(params, inputs, start_positions, rng):
+    variables = {"params": params}
+    logits, prefix_kv = module.apply(variables, **inputs, method=module.prefill)
+    cache = decoding.init_cache(prefix_kv, group, steps, cache_dtype)
+    cache = _constrain_cache(cache)
+    prefix_mask = inputs["attention_mask"] > 0
+    rows = logits.shape[0] * group
+    logits = jnp.repeat(logits, group, axis=0)
+    positions = jnp.repeat(start_positions, group)
+    state = dict(step=jnp.int32(0), logits=logits, cache=cache,
+                 tokens=jnp.full((rows, steps), params_spec.pad_token_id, jnp.int32),
+                 logprobs=jnp.zeros((rows, steps), jnp.float32),
+                 lengths=jnp.zeros((rows,), jnp.int32), finished=jnp.zeros((rows,), bool))
+
+    def body(state):
+      step = state["step"]
+      token, logprob = sample_tokens(state["logits"], jax.random.fold_in(rng, step), params_spec)
+      done = state["finished"]
+      token = jnp.where(done, params_spec.pad_token_id, token)
+      logprob = jnp.where(done, 0.0, logprob)
+      tokens = jax.lax.dynamic_update_slice(state["tokens"], token[:, None], (0, step))
+      logprobs = jax.lax.dynamic_update_slice(state["logprobs"], logprob[:, None], (0, step))
+      lengths = state["lengths"] + (~done).astype(jnp.int32)
+      finished = done | jnp.isin(token, eos)
+      next_logits, cache = module.apply(
+          variables, token, positions + step, state["cache"],
+          decoding.DecodeMask(prefix_mask, step), method=module.decode)
+      return dict(step=step + 1, logits=next_logits, cache=cache, tokens=tokens,
+                  logprobs=logprobs, lengths=lengths, finished=finished)
+
+    def cond(state):
+      return (state["step"] < steps) & ~jnp.all(state["finished"])
+
+    state = jax.lax.while_loop(cond, body, state)
+    return Rollouts(state["tokens"], state["logprobs"], state["lengths"], state["finished"])
+
+  jitted = jax.jit(run)
+  if mesh is None:
+    return jitted
+
+  def on_mesh(*args):
+    with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES), jax.set_mesh(mesh):
+      return jitted(*args)
+  return on_mesh
+
+
+def _constrain_cache(cache):
+  """Cache rows over the batch axes, key/value heads over `tensor` (no-op without a mesh)."""
+  def constrain(x):
+    axes = ("batch", "length", "kv_heads", "head_dim")
+    if x.ndim == 5:  # stacked layers
+      axes = ("layers",) + axes
+    return nn.with_logical_constraint(x, axes)
+  return jax.tree.map(constrain, cache)
+
+
+_PROGRAMS: dict[tuple, Any] = {}
+_COMPILED_SHAPES: set[tuple] = set()
+
+
+def _cached_program(module, params_spec, mesh):
+  key = (module, params_spec, mesh)
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = _program(module, params_spec, mesh)
+  return _PROGRAMS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+
+def left_pad(batch: dict[str, Any], multiple: int) -> dict[str, Any]:
+  """Prompts moved to the right end of rows padded to a multiple of `multiple` tokens.
+
+  Decoding appends every row's tokens at the same step, so each prompt must end at the last
+  column; bucketing the length bounds the number of compiled programs.
+  """
+  mask = np.asarray(batch["attention_mask"])
+  rows, length = mask.shape
+  real = mask.sum(axis=1)
+  target = max(multiple, -(-length // multiple) * multiple)
+  out = dict(batch)
+  for key in ("input_ids", "attention_mask", "position_ids"):
+    if key not in batch:
+      continue
+    value = np.asarray(batch[key])
+    padded = np.zeros(value.shape[:-1] + (target,), value.dtype)
+    for row in range(rows):
+      source = value[..., row, :][..., mask[row] > 0]
+      padded[..., row, target - real[row]:] = source
+    out[key] = padded
+  return out
+
+
+def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
+             max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_token_ids: tuple[int, ...] | None = None,
+             forbidden_token_ids: tuple[int, ...] | None = None, pad_token_id: int | None = None,
+             cache_dtype: str | None = None, prompt_bucket: int = PROMPT_BUCKET) -> Rollouts:
+  """num_samples rollouts of every prompt of a processor batch (see the module docstring).
+
+  Defaults come from the policy: end-of-sequence ids from its config and processor, forbidden
+  ids = its image/video/vision special tokens, the cache in the model's compute dtype. The
+  same seed, inputs and mesh give the same rollouts.
+  """
+  family, config = policy.family, policy.config
+  if eos_token_ids is None:
+    eos_token_ids = tuple(config.eos_token_ids)
+    if policy.processor is not None:
+      eos_token_ids = tuple(sorted(set(eos_token_ids) | set(policy.processor.token_ids.eos_ids)))
+  if forbidden_token_ids is None:
+    forbidden_token_ids = family.special_token_ids(config)
+  if pad_token_id is None:
+    pad_token_id = policy.processor.token_ids.pad_id if policy.processor is not None else 0
+  spec = SamplingParams(max_new_tokens, num_samples, float(temperature), float(top_p),
+                        int(top_k), tuple(eos_token_ids), tuple(forbidden_token_ids),
+                        int(pad_token_id), cache_dtype or family.compute_dtype(config))
+  buckets = family.layout_buckets(config, batch)
+  prepared = left_pad(family.prepare_inputs(config, batch, **buckets), prompt_bucket)
+  inputs = {k: prepared[k] for k in ("input_ids", "attention_mask", "position_ids",
+                                     "pixel_values", "vision_layout")
+            if prepared.get(k) is not None}
+  start = family.decode_start(config, prepared).astype(np.int32)
+  signature = (spec, tuple((jax.tree_util.keystr(path), np.shape(leaf))
+                           for path, leaf in jax.tree_util.tree_leaves_with_path(inputs)))
+  if signature not in _COMPILED_SHAPES:
+    _COMPILED_SHAPES.add(signature)
+    log.info("sampler: compiling program #%d (batch %s, prompt length %d, G=%d, %d new tokens)",
+             len(_COMPILED_SHAPES), inputs["input_ids"].shape[0], inputs["input_ids"].shape[1],
+             num_samples, max_new_tokens)
+  program = _cached_program(policy.module, spec, policy.mesh)
+  return program(params, inputs, jnp.asarray(start), rng)
+
+
+def compiled_programs() -> int:
+  """How many distinct sampler programs this process has compiled (shapes x parameters)."""
+  return len(_COMPILED_SHAPES)

@@ -1,0 +1,208 @@
+"""The sampler against transformers' generate, against teacher forcing, and against statistics."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from balcap import models, parallel, sampling, scoring
+from qwen_fixtures import batch, tiny_config, write_checkpoint
+
+EOS = 255  # the tiny config's end-of-sequence id
+NEAR_TIE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("qwen_sampling"))
+  return folder, write_checkpoint(folder, tiny_config(), seed=5)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])
+def policy(request, checkpoint):
+  return models.load_pretrained(checkpoint[0], scan_layers=request.param)
+
+
+def prompts(seed=0):
+  rng = np.random.default_rng(seed)
+  # Three prompts of different lengths: two images of different sizes and a text-only row.
+  return batch(rng, [([1, 2, 3, 4, 5], (1, 8, 8)), ([6, 7, 8], (1, 6, 4)),
+                     (list(rng.integers(0, 240, 13)), None)])
+
+
+def transformers_greedy(model, inputs, max_new_tokens):
+  ids = torch.tensor(inputs["input_ids"], dtype=torch.long)
+  kwargs = dict(input_ids=ids, attention_mask=torch.tensor(inputs["attention_mask"]),
+                pixel_values=torch.tensor(inputs["pixel_values"]),
+                image_grid_thw=torch.tensor(inputs["image_grid_thw"]),
+                mm_token_type_ids=(ids == model.config.image_token_id).int())
+  with torch.no_grad():
+    out = model.generate(**kwargs, do_sample=False, max_new_tokens=max_new_tokens,
+                         eos_token_id=EOS, pad_token_id=0, output_scores=True,
+                         return_dict_in_generate=True)
+  tokens = out.sequences[:, ids.shape[1]:].numpy()
+  scores = torch.stack(out.scores, dim=1).numpy()  # [B, steps, V]
+  return tokens, scores
+
+
+def test_greedy_tokens_equal_transformers_generate(policy, checkpoint):
+  _, reference = checkpoint
+  inputs = prompts()
+  ours = sampling.generate(policy, policy.params, inputs, jax.random.key(0), max_new_tokens=24,
+                           temperature=0.0, eos_token_ids=(EOS,), forbidden_token_ids=())
+  theirs, scores = transformers_greedy(reference, inputs, 24)
+  ours_tokens = np.asarray(ours.tokens)
+  near_ties = 0
+  for row in range(len(theirs)):
+    mismatch = np.flatnonzero(ours_tokens[row, :theirs.shape[1]] != theirs[row])
+    if mismatch.size:
+      step = mismatch[0]
+      top2 = np.sort(scores[row, step])[-2:]
+      assert top2[1] - top2[0] < NEAR_TIE, (
+          f"row {row} diverges at step {step} where the reference's top-2 gap is "
+          f"{top2[1] - top2[0]:.2e} (not a near-tie): ours {ours_tokens[row]}, "
+          f"transformers {theirs[row]}")
+      near_ties += 1
+  print(f"greedy parity: {len(theirs) - near_ties}/{len(theirs)} rows identical, {near_ties} "
+        "diverge at a near-tie")
+  assert near_ties <= 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_equal_teacher_forced_logprobs(policy, temperature):
+  inputs = prompts(1)
+  rollouts = sampling.generate(policy, policy.params, inputs, jax.random.key(1),
+                               max_new_tokens=16, num_samples=3, temperature=temperature,
+                               eos_token_ids=(EOS,))
+  continuation, prompt_length = scoring.continuation_batch(
+      policy, inputs, rollouts.tokens, rollouts.lengths, num_samples=3)
+  forced = scoring.continuation_logprobs(policy, policy.params, continuation, prompt_length,
+                                         rollouts.tokens, temperature)
+  real = np.arange(16)[None] < np.asarray(rollouts.lengths)[:, None]
+  assert real.sum() > 40
+  diff = np.abs(np.asarray(forced) - np.asarray(rollouts.logprobs))[real].max()
+  assert diff <= 1e-4, diff
+  # The G rollouts of a prompt differ: they share the prefix, not the randomness.
+  tokens = np.asarray(rollouts.tokens).reshape(3, 3, -1)
+  assert all(len({tuple(r) for r in group}) > 1 for group in tokens)
+
+
+def test_rollouts_end_at_eos_then_pad(policy):
+  inputs = prompts(2)
+  greedy = sampling.generate(policy, policy.params, inputs, jax.random.key(0), max_new_tokens=6,
+                             temperature=0.0, eos_token_ids=(EOS,), forbidden_token_ids=())
+  first = int(np.asarray(greedy.tokens)[0, 1])  # make row 0's second token the end
+  ended = sampling.generate(policy, policy.params, inputs, jax.random.key(0), max_new_tokens=6,
+                            temperature=0.0, eos_token_ids=(first,), forbidden_token_ids=(),
+                            pad_token_id=7)
+  tokens, lengths = np.asarray(ended.tokens), np.asarray(ended.lengths)
+  assert lengths[0] <= 2 and bool(ended.finished[0])
+  assert (tokens[0, lengths[0]:] == 7).all() and (np.asarray(ended.logprobs)[0, lengths[0]:]
+                                                   == 0).all()
+  assert (lengths == np.where(np.asarray(ended.finished), lengths, 6)).all()
+
+
+def test_special_tokens_are_never_sampled_even_when_likely(policy):
+  rollouts = sampling.generate(policy, policy.params, prompts(3), jax.random.key(3),
+                               max_new_tokens=48, num_samples=4, temperature=20.0,
+                               eos_token_ids=(EOS,))
+  sampled = np.asarray(rollouts.tokens)
+  assert not np.isin(sampled, [250, 251, 252, 253]).any()
+  assert len(np.unique(sampled)) > 150  # near-uniform: the ban, not the model, kept them out
+
+
+def test_same_seed_same_rollouts_other_seed_others(policy):
+  run = lambda seed: np.asarray(sampling.generate(
+      policy, policy.params, prompts(4), jax.random.key(seed), max_new_tokens=8,
+      num_samples=2, eos_token_ids=(EOS,)).tokens)
+  np.testing.assert_array_equal(run(11), run(11))
+  assert (run(11) != run(12)).any()
+
+
+def test_prompt_lengths_share_one_program(checkpoint):
+  policy = models.load_pretrained(checkpoint[0], scan_layers=False)
+  rng = np.random.default_rng(5)
+  before = sampling.compiled_programs()
+  for length in (3, 9, 30):
+    inputs = batch(rng, [(list(rng.integers(0, 240, length)), (1, 4, 4)),
+                         (list(rng.integers(0, 240, length + 2)), (1, 4, 4))])
+    sampling.generate(policy, policy.params, inputs, jax.random.key(0), max_new_tokens=4,
+                      eos_token_ids=(EOS,))
+  assert sampling.compiled_programs() - before == 1
+
+
+def test_sharded_sampling_equals_one_device(checkpoint):
+  folder, _ = checkpoint
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sharded = models.load_pretrained(folder, mesh=mesh, scan_layers=False)
+  single = models.load_pretrained(folder, scan_layers=False)
+  rng = np.random.default_rng(6)
+  inputs = batch(rng, [([1, 2, 3], (1, 4, 6)), ([4, 5, 6, 7], (1, 6, 4)), ([8, 9], (1, 4, 4)),
+                       ([10, 11, 12, 13, 14], None)])
+  args = dict(max_new_tokens=10, num_samples=2, temperature=0.8, eos_token_ids=(EOS,))
+  a = sampling.generate(sharded, sharded.params, inputs, jax.random.key(9), **args)
+  b = sampling.generate(single, single.params, inputs, jax.random.key(9), **args)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The token distribution
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+  """Upper 0.1% point of chi-square(df), Wilson-Hilferty approximation."""
+  return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def truncated(logits, temperature, top_k, top_p, forbidden):
+  """The reference distribution, written the slow, obvious way."""
+  logits = np.array(logits, np.float64) / temperature
+  logits[list(forbidden)] = -np.inf
+  order = np.argsort(-logits)
+  keep = np.zeros_like(logits, bool)
+  keep[order[:top_k or len(logits)]] = True
+  probs = np.where(keep, np.exp(logits - logits[order[0]]), 0)
+  probs /= probs.sum()
+  cumulative, nucleus = 0.0, np.zeros_like(keep)
+  for index in np.argsort(-probs):
+    if cumulative >= top_p:
+      break
+    nucleus[index] = True
+    cumulative += probs[index]
+  probs = np.where(nucleus, probs, 0)
+  return probs / probs.sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8), (1.3, 8, 0.9)])
+def test_token_frequencies_match_the_truncated_distribution(temperature, top_k, top_p):
+  logits = np.array([2.0, 1.5, 1.4, 0.3, 0.0, -0.2, -0.5, -1.0, -1.1, -2.0, 1.0, 0.9],
+                    np.float32)
+  forbidden = (10,)
+  draws = 40_000
+  spec = sampling.SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, forbidden_token_ids=forbidden)
+  tokens, _ = jax.jit(lambda k: sampling.sample_tokens(
+      jnp.broadcast_to(logits, (draws, len(logits))), k, spec))(jax.random.key(42))
+  counts = np.bincount(np.asarray(tokens), minlength=len(logits))
+  expected = truncated(logits, temperature, top_k, top_p, forbidden) * draws
+  assert counts[expected == 0].sum() == 0  # nothing outside the truncation, nothing banned
+  support = expected > 0
+  statistic = (((counts - expected) ** 2)[support] / expected[support]).sum()
+  assert statistic < chi_square_critical(int(support.sum()) - 1), (counts, expected)
+
+
+def test_logprob_is_of_the_full_tempered_distribution():
+  logits = jnp.array([[3.0, 1.0, 0.5, -1.0]])
+  spec = sampling.SamplingParams(max_new_tokens=1, temperature=0.5, top_k=2)
+  token, logprob = sampling.sample_tokens(logits, jax.random.key(0), spec)
+  expected = jax.nn.log_softmax(logits / 0.5)[0, token[0]]
+  np.testing.assert_allclose(logprob[0], expected, atol=1e-6)
+  greedy = sampling.SamplingParams(max_new_tokens=1, temperature=0.0)
+  token, logprob = sampling.sample_tokens(logits, jax.random.key(0), greedy)
+  assert int(token[0]) == 0
+  np.testing.assert_allclose(logprob[0], jax.nn.log_softmax(logits)[0, 0], atol=1e-6)
