@@ -67,6 +67,22 @@ def base_config() -> ml_collections.ConfigDict:
   # "vision": {...}, ...}); free-form here, checked by the family's config class.
   c.model.architecture = ml_collections.ConfigDict()
 
+  # How captions are drawn (the RL rollouts and the `caption` mode).
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.prompt = "Describe this image in detail."
+  c.sampling.max_new_tokens = 256
+  c.sampling.temperature = 1.0  # 0 = greedy
+  c.sampling.top_p = 1.0        # nucleus sampling; 1 = off
+  c.sampling.top_k = 0          # 0 = off
+  # Prompt lengths are padded to a multiple of this: fewer distinct programs to compile.
+  c.sampling.prompt_bucket = 64
+
+  # Mode `caption`: caption images given with --images=a.jpg,b.jpg, else a data split.
+  c.caption = ml_collections.ConfigDict()
+  c.caption.split = ""        # "" = config.data.test_split
+  c.caption.num_examples = -1  # -1 = the whole split
+  c.caption.output = ""       # "" = <workdir>/captions.jsonl
+
   # Device mesh: one axis per kind of parallelism. -1 on one axis = all remaining devices.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1    # pure data parallelism: params replicated, batch split
@@ -187,6 +203,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   problems += _data_problems(config.data)
   problems += _loop_problems(config)
   problems += _model_problems(config.model, needs_model=config.mode != "data")
+  problems += _sampling_problems(config.sampling)
   if problems:
     raise ConfigError(problems)
 
@@ -322,4 +339,20 @@ def _model_problems(model, needs_model: bool) -> list[str]:
   elif needs_model and not model.checkpoint:
     problems.append("config.model: neither checkpoint nor architecture is set; give an HF "
                     "folder in config.model.checkpoint or an architecture to initialise")
+  return problems
+
+
+def _sampling_problems(sampling) -> list[str]:
+  problems = []
+  if sampling.max_new_tokens < 1:
+    problems.append(f"config.sampling.max_new_tokens={sampling.max_new_tokens} must be >= 1")
+  if sampling.temperature < 0:
+    problems.append(f"config.sampling.temperature={sampling.temperature} must be >= 0 "
+                    "(0 = greedy)")
+  if not 0 < sampling.top_p <= 1:
+    problems.append(f"config.sampling.top_p={sampling.top_p} must be in (0, 1]")
+  if sampling.top_k < 0:
+    problems.append(f"config.sampling.top_k={sampling.top_k} must be >= 0 (0 = off)")
+  if sampling.prompt_bucket < 1:
+    problems.append(f"config.sampling.prompt_bucket={sampling.prompt_bucket} must be >= 1")
   return problems

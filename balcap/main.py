@@ -27,6 +27,9 @@ _WORKDIR = flags.DEFINE_string(
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs outside TPU "
     "pods and SLURM/MPI (where it is found automatically). Also JAX_COORDINATOR_ADDRESS.")
+_IMAGES = flags.DEFINE_string(
+    "images", None, "mode caption: comma-separated image paths (default: config.caption.split "
+    "of the configured data set).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the run.")
 
@@ -36,18 +39,23 @@ def _run_train(config, workdir):
   train.run(config, workdir)
 
 
+def _run_caption(config, workdir):
+  from balcap import caption  # pylint: disable=import-outside-toplevel
+  images = [p for p in (_IMAGES.value or "").split(",") if p]
+  caption.run(config, workdir, images)
+
+
 def _run_data(config, workdir):
   from balcap.data import report  # pylint: disable=import-outside-toplevel
   report.run(config, workdir)
 
 
 # The modes this version of balcap can run; configs.MODES lists every mode of the design.
-MODE_RUNNERS = {"train": _run_train, "data": _run_data}
+MODE_RUNNERS = {"train": _run_train, "data": _run_data, "caption": _run_caption}
 # What each missing mode needs, so the error says what to expect instead of failing obscurely.
 _MISSING_MODES = {
     "sft": "the learner",
-    "eval": "the sampler",
-    "caption": "the sampler",
+    "eval": "the rewards and judges",
     # The HF writer exists (Policy.save_pretrained); what to export is the learner's state.
     "export": "trained parameters from the learner's checkpoints",
 }

@@ -1,18 +1,9 @@
 """Config files, `file.py:key=val` arguments and validate()'s errors."""
 
-import importlib.util
-
 import pytest
 
 from balcap import configs
-from testlib import REPO
-
-
-def load_config_file(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from testlib import load_config_file
 
 
 def problems_of(config, num_devices=8, process_count=1):

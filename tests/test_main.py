@@ -51,8 +51,8 @@ def test_mode_argument_selects_the_mode(tmp_path):
 def test_a_mode_this_version_lacks_says_what_it_needs(tmp_path):
   done = balcap_main("--config=configs/tiny.py:mode=eval", tmp_path=tmp_path)
   assert done.returncode == 1
-  assert "config.mode='eval' needs the sampler" in done.stderr
-  assert "modes available: ['data', 'train']" in done.stderr
+  assert "config.mode='eval' needs the rewards and judges" in done.stderr
+  assert "modes available: ['caption', 'data', 'train']" in done.stderr
 
 
 def test_config_errors_name_the_field_and_the_fix_before_any_work(tmp_path):

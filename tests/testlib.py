@@ -24,3 +24,16 @@ def tiny_data_config(data_dir) -> ml_collections.ConfigDict:
   data.capworld.image_sizes = ((112, 112),)
   data.read_threads = 1
   return data
+
+
+def load_config_file(name: str, arg: str | None = None):
+  """configs/<name>.py's get_config(arg), as `--config=configs/<name>.py:arg` would load it."""
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_model_config():
+  """config.model of configs/tiny.py."""
+  return load_config_file("tiny").model

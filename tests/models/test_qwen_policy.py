@@ -13,7 +13,7 @@ from PIL import Image
 from balcap import models
 from balcap.models import qwen2_lm
 from qwen_fixtures import reference_logits, tiny_config, write_checkpoint
-from testlib import QWEN_TOKENIZER_DIR, REPO
+from testlib import QWEN_TOKENIZER_DIR, tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_processor_batch_gives_transformers_logits(real_vocab_checkpoint):
 
 
 def test_every_parameter_carries_logical_axes():
-  config = models.architecture_from_config(_tiny_model_config())
+  config = models.architecture_from_config(tiny_model_config())
   family = models.family_of("qwen2_5_vl")
   boxed, _ = models.policy._boxed_abstract_params(family, config)  # pylint: disable=protected-access
   leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(
@@ -63,16 +63,8 @@ def test_every_parameter_carries_logical_axes():
   assert {"embed", "heads", "kv_heads", "mlp", "vocab", "layers", "norm"} <= names
 
 
-def _tiny_model_config():
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config().model
-
-
 def test_config_file_policy_initialises_and_round_trips_through_hf(tmp_path):
-  model_config = _tiny_model_config()
+  model_config = tiny_model_config()
   policy = models.policy_from_config(model_config, jax.random.key(0))
   policy.save_pretrained(str(tmp_path / "hf"))
   model_config.checkpoint = str(tmp_path / "hf")
@@ -106,7 +98,7 @@ def test_remat_changes_memory_not_results():
 
 def test_config_pixel_bounds_reach_the_processor(real_vocab_checkpoint):
   folder, _ = real_vocab_checkpoint
-  model_config = _tiny_model_config()
+  model_config = tiny_model_config()
   model_config.architecture = {}
   model_config.checkpoint = folder
   model_config.min_pixels, model_config.max_pixels = 28 * 28, 56 * 56
