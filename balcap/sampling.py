@@ -207,7 +207,7 @@ def _program(module: nn.Module, params_spec: SamplingParams, mesh):
 def _constrain_cache(cache):
   """Cache rows over the batch axes, key/value heads over `tensor` (no-op without a mesh)."""
   def constrain(x):
-    axes = ("batch", "length", "kv_heads", "head_dim")
+    axes = ("batch", "kv_heads", "length", "head_dim")  # decoding's [rows, K, length, D]
     if x.ndim == 5:  # stacked layers
       axes = ("layers",) + axes
     return nn.with_logical_constraint(x, axes)
@@ -252,6 +252,15 @@ def left_pad(batch: dict[str, Any], multiple: int) -> dict[str, Any]:
   return out
 
 
+def prepare_prompts(policy, batch: dict[str, Any], prompt_bucket: int = PROMPT_BUCKET
+                    ) -> dict[str, Any]:
+  """A processor batch as the sampler feeds it: positions and the vision layout added,
+  image layouts bucketed, prompts left-padded to a multiple of `prompt_bucket`."""
+  family, config = policy.family, policy.config
+  buckets = family.layout_buckets(config, batch)
+  return left_pad(family.prepare_inputs(config, batch, **buckets), prompt_bucket)
+
+
 def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
              max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_token_ids: tuple[int, ...] | None = None,
@@ -275,8 +284,7 @@ def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
   spec = SamplingParams(max_new_tokens, num_samples, float(temperature), float(top_p),
                         int(top_k), tuple(eos_token_ids), tuple(forbidden_token_ids),
                         int(pad_token_id), cache_dtype or family.compute_dtype(config))
-  buckets = family.layout_buckets(config, batch)
-  prepared = left_pad(family.prepare_inputs(config, batch, **buckets), prompt_bucket)
+  prepared = prepare_prompts(policy, batch, prompt_bucket)
   inputs = {k: prepared[k] for k in ("input_ids", "attention_mask", "position_ids",
                                      "pixel_values", "vision_layout")
             if prepared.get(k) is not None}

@@ -28,8 +28,7 @@ def continuation_batch(policy, batch: dict[str, Any], tokens: np.ndarray, length
   are masked out of attention (they are padding).
   """
   family, config = policy.family, policy.config
-  buckets = family.layout_buckets(config, batch)
-  prepared = sampling.left_pad(family.prepare_inputs(config, batch, **buckets), prompt_bucket)
+  prepared = sampling.prepare_prompts(policy, batch, prompt_bucket)
   tokens = np.asarray(tokens, np.int32)
   steps = tokens.shape[1]
   prompt_ids = np.repeat(prepared["input_ids"], num_samples, axis=0)
