@@ -77,6 +77,42 @@ def base_config() -> ml_collections.ConfigDict:
   # Prompt lengths are padded to a multiple of this: fewer distinct programs to compile.
   c.sampling.prompt_bucket = 64
 
+  # Rewards (METHOD.md): who judges the captions.
+  c.rewards = ml_collections.ConfigDict()
+  c.rewards.judge = "capworld"  # capworld (exact, CapWorld only) | openai | local
+  c.rewards.length_unit = "words"  # the length ratio's unit: words | tokens
+  # A batch's rewards are due this long after it is submitted; late ones are NaN ("timeout").
+  c.rewards.deadline_s = 600.0
+  # judge = openai: any OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, an API).
+  c.rewards.openai = ml_collections.ConfigDict()
+  c.rewards.openai.base_url = ""        # e.g. http://judge-host:8000
+  c.rewards.openai.model = ""           # the served model's name
+  c.rewards.openai.api_key_env = ""     # NAME of the environment variable holding the key
+  c.rewards.openai.timeout_s = 60.0     # per request
+  c.rewards.openai.max_concurrency = 64
+  c.rewards.openai.max_retries = 3      # on time-outs, 5xx and 429 (never other 4xx)
+  c.rewards.openai.cache_path = ""      # sqlite response cache; "" = <workdir>/judge_cache.db
+  # judge = local: a balcap policy (an HF folder) judging through the sampler.
+  c.rewards.local = ml_collections.ConfigDict()
+  c.rewards.local.checkpoint = ""
+  c.rewards.local.max_new_tokens = 512
+
+  # Advantages (balcap/rl/advantages.py): estimator, weights, length control.
+  c.advantage = ml_collections.ConfigDict()
+  c.advantage.estimator = "c_gdpo"      # c_gdpo | gdpo | grpo | grpo_no_std
+  c.advantage.components = ("precision", "recall", "linguistic")
+  c.advantage.weights = (1.0, 1.0, 1.0)  # alpha, beta, gamma, applied after normalising
+  c.advantage.eps = 1e-6
+  c.advantage.ddof = 0                  # 0: population std; 1: sample std
+  c.advantage.length_mask = True        # linguistic reward only when the length ratio is in
+  c.advantage.length_masked_component = "linguistic"
+  c.advantage.tau_low = 0.5             # [tau_low, tau_high] (inclusive)
+  c.advantage.tau_high = 2.0
+  c.advantage.linear_length_penalty = 0.0  # baseline: -lambda |ratio - 1| as a 4th reward
+  c.advantage.conditioned = ""          # GDPO conditioning: pay `conditioned` only when
+  c.advantage.condition_on = ""         # `condition_on` >= condition_threshold
+  c.advantage.condition_threshold = 0.0
+
   # Mode `caption`: caption images given with --images=a.jpg,b.jpg, else a data split.
   c.caption = ml_collections.ConfigDict()
   c.caption.split = ""        # "" = config.data.test_split
@@ -204,6 +240,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   problems += _loop_problems(config)
   problems += _model_problems(config.model, needs_model=config.mode != "data")
   problems += _sampling_problems(config.sampling)
+  problems += _reward_problems(config)
   if problems:
     raise ConfigError(problems)
 
@@ -355,4 +392,30 @@ def _sampling_problems(sampling) -> list[str]:
     problems.append(f"config.sampling.top_k={sampling.top_k} must be >= 0 (0 = off)")
   if sampling.prompt_bucket < 1:
     problems.append(f"config.sampling.prompt_bucket={sampling.prompt_bucket} must be >= 1")
+  return problems
+
+
+JUDGES = ("capworld", "openai", "local")
+
+
+def _reward_problems(config) -> list[str]:
+  problems = []
+  rewards = config.rewards
+  if rewards.judge not in JUDGES:
+    problems.append(f"config.rewards.judge={rewards.judge!r} is not one of {list(JUDGES)}")
+  if rewards.judge == "capworld" and config.data.name != "capworld" and config.mode == "train":
+    problems.append("config.rewards.judge='capworld' can only judge CapWorld captions; with "
+                    f"config.data.name={config.data.name!r} use judge='openai' or 'local'")
+  if rewards.judge == "openai" and not (rewards.openai.base_url and rewards.openai.model):
+    problems.append("config.rewards.judge='openai' needs config.rewards.openai.base_url and "
+                    "config.rewards.openai.model")
+  if rewards.judge == "local" and not rewards.local.checkpoint:
+    problems.append("config.rewards.judge='local' needs config.rewards.local.checkpoint")
+  if rewards.length_unit not in ("words", "tokens"):
+    problems.append(f"config.rewards.length_unit={rewards.length_unit!r}: use words or tokens")
+  from balcap.rl import advantages  # pylint: disable=import-outside-toplevel
+  try:
+    advantages.from_config(config.advantage)
+  except (ValueError, TypeError) as e:
+    problems.append(f"config.advantage: {e}")
   return problems

@@ -113,3 +113,13 @@ def test_architecture_errors_name_the_field():
   config.model.architecture = {}
   (problem,) = problems_of(config)
   assert "neither checkpoint nor architecture is set" in problem
+
+
+def test_reward_and_advantage_settings_are_checked():
+  config = load_config_file("tiny")
+  config.rewards.judge = "openai"
+  config.advantage.weights = (1.0, 1.0)
+  problems = problems_of(config)
+  assert any("needs config.rewards.openai.base_url" in p for p in problems)
+  assert any(p.startswith("config.advantage: ") and "2 weights for 3 components" in p
+             for p in problems)

@@ -1,0 +1,1 @@
+"""Reinforcement learning for captioners: rewards and judges, advantages, losses, the learner."""

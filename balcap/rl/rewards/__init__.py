@@ -1,0 +1,1 @@
+"""Reward functions and judges (see types.py for the protocol)."""

@@ -1,0 +1,139 @@
+"""Reward functions: host callables from captions to named reward components, with accounting.
+
+    reward = JudgeReward(CapWorldJudge())
+    future = reward.submit(samples)        # runs on a host thread while the devices work
+    batch = future.result()                # RewardBatch
+    batch.components["precision"]          # np.ndarray [N], NaN where unscored
+
+A `JudgeReward` adds `length_ratio` (caption length / mean reference length, in words by
+default or in tokens) to a judge's precision, recall and linguistic scores, turns any judge
+crash into NaN rewards with cause "judge_error" (a run never dies on its judge), and counts
+every NaN per component and cause for the metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from balcap.rl.rewards.types import JUDGED_COMPONENTS, Judge, Judgement, Sample
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = JUDGED_COMPONENTS + ("length_ratio",)
+
+
+def word_count(text: str) -> int:
+  return len(text.split())
+
+
+def length_ratio(caption: str, references: Sequence[str],
+                 count: Callable[[str], int] = word_count) -> float:
+  """len(caption) / mean len(references), in `count`'s unit; NaN without a usable reference."""
+  lengths = [count(r) for r in references]
+  mean = sum(lengths) / len(lengths) if lengths else 0.0
+  return count(caption) / mean if mean > 0 else math.nan
+
+
+def b_capscore(precision: np.ndarray, recall: np.ndarray, linguistic: np.ndarray) -> np.ndarray:
+  """The paper's balanced metric: 100 x harmonic mean of the three (0 if any is 0; NaN if any
+  is NaN)."""
+  p, r, l = (np.asarray(x, np.float64) for x in (precision, recall, linguistic))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    harmonic = 3.0 / (1.0 / p + 1.0 / r + 1.0 / l)
+  harmonic = np.where((p == 0) | (r == 0) | (l == 0), 0.0, harmonic)
+  return 100.0 * harmonic
+
+
+@dataclasses.dataclass
+class RewardBatch:
+  """Rewards of N samples: components {name: [N] float32} and the NaN accounting."""
+  ids: list[str]
+  components: dict[str, np.ndarray]
+  failures: collections.Counter  # (component, cause) -> count
+  judgements: list[Judgement]
+
+  def metrics(self, prefix: str = "reward") -> dict[str, float]:
+    """Mean, std and NaN count of each component, b-CapScore, and a count per failure cause."""
+    out = {}
+    for name, values in self.components.items():
+      scored = values[~np.isnan(values)]
+      out[f"{prefix}/{name}/mean"] = float(scored.mean()) if scored.size else math.nan
+      out[f"{prefix}/{name}/std"] = float(scored.std()) if scored.size else math.nan
+      out[f"{prefix}/{name}/nan"] = float(values.size - scored.size)
+    capscore = b_capscore(*(self.components[n] for n in JUDGED_COMPONENTS))
+    out[f"{prefix}/b_capscore"] = float(np.nanmean(capscore)) if np.isfinite(
+        capscore).any() else math.nan
+    for (component, cause), count in sorted(self.failures.items()):
+      out[f"{prefix}/failures/{component}/{cause}"] = float(count)
+    return out
+
+
+class JudgeReward:
+  """precision, recall, linguistic from a judge + length_ratio, for a list of samples."""
+
+  def __init__(self, judge: Judge, *, count: Callable[[str], int] = word_count,
+               max_workers: int = 1):
+    self.judge = judge
+    self.count = count
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers,
+                                                       thread_name_prefix="reward")
+
+  def __call__(self, samples: Sequence[Sample]) -> RewardBatch:
+    judgements = self._judge(samples)
+    components = {name: np.array([getattr(j, name) for j in judgements], np.float32)
+                  for name in JUDGED_COMPONENTS}
+    components["length_ratio"] = np.array(
+        [length_ratio(s.caption, s.references, self.count) for s in samples], np.float32)
+    failures = collections.Counter((component, cause) for j in judgements
+                                   for component, cause in j.failures.items())
+    return RewardBatch([s.id for s in samples], components, failures, judgements)
+
+  def submit(self, samples: Sequence[Sample]) -> concurrent.futures.Future:
+    """Scores on a host thread; device work goes on meanwhile (JAX releases the GIL)."""
+    return self._pool.submit(self, list(samples))
+
+  def _judge(self, samples: Sequence[Sample]) -> list[Judgement]:
+    try:
+      judgements = self.judge.judge(samples)
+      if [j.id for j in judgements] != [s.id for s in samples]:
+        raise RuntimeError(f"judge {self.judge.name!r} returned judgements out of order")
+      return judgements
+    except Exception:  # pylint: disable=broad-except
+      # A judge bug or outage must cost rewards (NaN, counted), never the run.
+      log.exception("judge %r failed on a batch of %d; scoring it NaN", self.judge.name,
+                    len(samples))
+      failed = []
+      for sample in samples:
+        judgement = Judgement(sample.id)
+        for component in JUDGED_COMPONENTS:
+          judgement.fail(component, "judge_error")
+        failed.append(judgement)
+      return failed
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True)
+
+
+def make_samples(examples: Sequence[dict[str, Any]], captions: Sequence[str],
+                 num_samples: int, *, fields: Sequence[str] = ("scene_graph",)) -> list[Sample]:
+  """Samples for B examples x G captions (caption r belongs to example r // G).
+
+  Ids are "<example id>/<rollout>", so every score can be traced to its caption.
+  """
+  if len(captions) != len(examples) * num_samples:
+    raise ValueError(f"{len(captions)} captions for {len(examples)} examples x {num_samples}")
+  samples = []
+  for row, caption in enumerate(captions):
+    example = examples[row // num_samples]
+    samples.append(Sample(
+        id=f"{example['id']}/{row % num_samples}", caption=caption,
+        references=tuple(example["references"]), image=example.get("image"),
+        fields={k: example[k] for k in fields if k in example}))
+  return samples
