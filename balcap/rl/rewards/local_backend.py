@@ -1,0 +1,139 @@
+"""A balcap policy as the judge model: chat requests answered through balcap's own sampler.
+
+For TPU setups without a serving stack: the judge (say, a Qwen2.5-VL-7B checkpoint) runs on the
+same devices as the learner, as greedy decoding in padded batches. Requests are rendered with
+the policy's own chat template: the system message becomes the system prompt, the user turns'
+text is joined, and their images (data URLs) are decoded and attached.
+
+`LocalJudge(policy)` is `LLMJudge(LocalChatBackend(policy), name="local")`: the same prompts,
+parsing and accounting as the HTTP judge.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import logging
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+from balcap import sampling
+from balcap.rl.rewards.chat import ChatReply, ChatRequest
+from balcap.rl.rewards.llm_judge import LLMJudge
+
+log = logging.getLogger(__name__)
+
+
+def render(request: ChatRequest) -> tuple[str | None, str, list[Image.Image]]:
+  """(system prompt, user text, images) of an OpenAI-format request.
+
+  Every non-system turn's text is kept in order (a reminder turn follows the question it
+  refers to); turns other than the user's are labelled with their role.
+  """
+  system, texts, images = None, [], []
+  for message in request.messages:
+    role, content = message["role"], message["content"]
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+    if role == "system":
+      system = "\n".join(p["text"] for p in parts if p.get("type") == "text")
+      continue
+    for part in parts:
+      if part.get("type") == "text":
+        texts.append(part["text"] if role == "user" else f"[{role}] {part['text']}")
+      elif part.get("type") == "image_url":
+        images.append(_decode_image(part["image_url"]["url"]))
+      else:
+        raise ValueError(f"request {request.id}: unsupported content part {part.get('type')!r}")
+  return system, "\n\n".join(texts), images
+
+
+def _decode_image(url: str) -> Image.Image:
+  if not url.startswith("data:"):
+    raise ValueError("a local judge takes images as data URLs, not links to fetch")
+  data = base64.b64decode(url.split(",", 1)[1])
+  with Image.open(io.BytesIO(data)) as image:
+    return image.convert("RGB")
+
+
+class LocalChatBackend:
+  """`ChatBackend` over a balcap policy with a processor (see the module docstring).
+
+  Requests are answered in batches of `batch_size` (grouped by system prompt and sampling
+  settings). The deadline is checked between batches: a batch that has started runs to the
+  end, the ones not started by `deadline_s` become "timeout" replies. A batch that fails
+  (a malformed request, a model error) becomes "judge_error" replies for its requests only.
+  """
+
+  def __init__(self, policy, *, max_new_tokens: int = 512, batch_size: int = 16,
+               deadline_s: float = 600.0, seed: int = 0):
+    if policy.processor is None:
+      raise ValueError("a local judge needs a policy with a processor (tokenizer files)")
+    self.policy = policy
+    self.max_new_tokens = max_new_tokens
+    self.batch_size = batch_size
+    self.deadline_s = deadline_s
+    self._rng = jax.random.key(seed)
+    self._processors: dict[str | None, Any] = {}
+
+  def _processor(self, system: str | None):
+    if system not in self._processors:
+      processor = copy.copy(self.policy.processor)
+      if system is not None:
+        processor.system_prompt = system
+      self._processors[system] = processor
+    return self._processors[system]
+
+  def complete(self, requests: Sequence[ChatRequest]) -> list[ChatReply]:
+    started = time.monotonic()
+    replies: dict[str, ChatReply] = {}
+    rendered = {}
+    for request in requests:
+      try:
+        rendered[request.id] = render(request)
+      except (ValueError, KeyError, OSError) as e:
+        log.warning("local judge: cannot render request %s: %s", request.id, e)
+        replies[request.id] = ChatReply(request.id, failure="judge_error")
+    groups: dict[tuple, list[ChatRequest]] = {}
+    for request in requests:
+      if request.id in rendered:
+        key = (rendered[request.id][0], request.temperature or 0.0,
+               request.max_tokens or self.max_new_tokens)
+        groups.setdefault(key, []).append(request)
+    for (system, temperature, max_tokens), group in groups.items():
+      for start in range(0, len(group), self.batch_size):
+        chunk = group[start:start + self.batch_size]
+        if time.monotonic() - started > self.deadline_s:
+          replies.update({r.id: ChatReply(r.id, failure="timeout") for r in chunk})
+          continue
+        replies.update(self._answer(chunk, rendered, system, temperature, max_tokens))
+    return [replies[r.id] for r in requests]
+
+  def _answer(self, chunk, rendered, system, temperature, max_tokens) -> dict[str, ChatReply]:
+    try:
+      processor = self._processor(system)
+      texts = [rendered[r.id][1] for r in chunk]
+      images = [rendered[r.id][2] or None for r in chunk]
+      batch = processor(prompts=texts, images=images if any(images) else None)
+      self._rng, key = jax.random.split(self._rng)
+      rollouts = sampling.generate(self.policy, self.policy.params, batch, key,
+                                   max_new_tokens=min(max_tokens, self.max_new_tokens),
+                                   temperature=temperature)
+      tokens, lengths = np.asarray(rollouts.tokens), np.asarray(rollouts.lengths)
+      return {r.id: ChatReply(r.id, text=processor.decode(tokens[i, :lengths[i]]))
+              for i, r in enumerate(chunk)}
+    except Exception:  # pylint: disable=broad-except
+      log.exception("local judge: a batch of %d requests failed", len(chunk))
+      return {r.id: ChatReply(r.id, failure="judge_error") for r in chunk}
+
+
+def LocalJudge(policy, *, name: str = "local",  # pylint: disable=invalid-name
+               image_format: str = "PNG", deadline_s: float | None = None,
+               **backend_kwargs) -> LLMJudge:
+  """An `LLMJudge` answered by a balcap policy; `backend_kwargs` go to `LocalChatBackend`."""
+  return LLMJudge(LocalChatBackend(policy, **backend_kwargs), name=name,
+                  image_format=image_format, deadline_s=deadline_s)

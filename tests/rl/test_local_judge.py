@@ -1,0 +1,81 @@
+"""A balcap policy as the judge: request rendering, ordered replies, deadline, isolation."""
+
+import math
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from balcap import models, sampling
+from balcap.rl.rewards import local_backend, prompts
+from balcap.rl.rewards.chat import ChatRequest
+from balcap.rl.rewards.types import Sample
+from qwen_fixtures import tiny_config, write_checkpoint
+from testlib import QWEN_TOKENIZER_DIR
+
+
+@pytest.fixture(scope="module")
+def judge_policy(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("judge"))
+  write_checkpoint(folder, tiny_config(vocab_size=151936, image_id=151655, video_id=151656,
+                                       vision_start=151652, vision_end=151653, tie=True), seed=7)
+  shutil.copy(os.path.join(QWEN_TOKENIZER_DIR, "tokenizer.json"), folder)
+  return models.load_pretrained(folder, scan_layers=False)
+
+
+def image(seed, size=(56, 56)):
+  rng = np.random.default_rng(seed)
+  return Image.fromarray(rng.integers(0, 256, size + (3,), np.uint8))
+
+
+def test_requests_render_with_system_prompt_images_and_reminders():
+  messages = prompts.with_reminder(
+      prompts.verification_messages(["a red circle"], prompts.image_data_url(image(0))),
+      "expected 1 verdicts")
+  system, text, images = local_backend.render(ChatRequest("s#verify", messages))
+  assert system == prompts.SYSTEM_PROMPTS["verify"]
+  assert "a red circle" in text and "expected 1 verdicts" in text
+  assert text.index("a red circle") < text.index("expected 1 verdicts")
+  assert len(images) == 1 and np.array_equal(np.asarray(images[0]), np.asarray(image(0)))
+
+
+def test_replies_come_in_order_and_equal_greedy_sampling(judge_policy):
+  backend = local_backend.LocalChatBackend(judge_policy, max_new_tokens=8, batch_size=2)
+  requests = [ChatRequest(f"s{i}#rate", prompts.rating_messages(f"caption number {i}"))
+              for i in range(3)]
+  requests.append(ChatRequest("s3#verify", prompts.verification_messages(
+      ["a square"], prompts.image_data_url(image(1)))))
+  replies = backend.complete(requests)
+  assert [r.id for r in replies] == [r.id for r in requests] and all(r.ok for r in replies)
+  # The same answer as sampling the rendered prompt directly, greedily.
+  processor = backend._processor(prompts.SYSTEM_PROMPTS["rate"])  # pylint: disable=protected-access
+  batch = processor(prompts=[local_backend.render(requests[0])[1]])
+  direct = sampling.generate(judge_policy, judge_policy.params, batch, jax.random.key(0),
+                             max_new_tokens=8, temperature=0.0)
+  expected = processor.decode(np.asarray(direct.tokens)[0, :int(direct.lengths[0])])
+  assert replies[0].text == expected
+
+
+def test_a_bad_request_fails_alone_and_the_deadline_is_kept(judge_policy):
+  backend = local_backend.LocalChatBackend(judge_policy, max_new_tokens=4)
+  bad = ChatRequest("bad#rate", [{"role": "user", "content": [{"type": "audio"}]}])
+  good = ChatRequest("good#rate", prompts.rating_messages("a caption"))
+  replies = backend.complete([bad, good])
+  assert replies[0].failure == "judge_error" and replies[1].ok
+  late = local_backend.LocalChatBackend(judge_policy, deadline_s=0.0)
+  assert [r.failure for r in late.complete([good])] == ["timeout"]
+
+
+def test_local_judge_scores_or_explains_every_sample(judge_policy):
+  judge = local_backend.LocalJudge(judge_policy, max_new_tokens=16)
+  samples = [Sample(f"ex{i}/0", f"a red circle {i}", ("a red circle on the left",),
+                    image=image(i)) for i in range(2)]
+  judgements = judge.judge(samples)
+  assert [j.id for j in judgements] == ["ex0/0", "ex1/0"]
+  for j in judgements:  # a random model writes no JSON: NaN with a cause, never a crash
+    for component in ("precision", "recall", "linguistic"):
+      value = getattr(j, component)
+      assert (not math.isnan(value)) or j.failures[component] == "parse_error"
