@@ -120,3 +120,14 @@ def test_io_callback_reward_missing_a_component_is_named():
   reward = in_jit.in_jit(lambda t, l: {"other": np.zeros(l.shape)}, ("diversity",))
   with pytest.raises(Exception, match="missing \\['diversity'\\]"):
     jax.block_until_ready(jax.jit(reward)(np.zeros((2, 3), np.int32), np.ones(2, np.int32)))
+
+
+def test_a_judge_past_the_deadline_gives_timeouts_not_a_wait():
+  reward = functions.JudgeReward(ScriptedJudge(delay=2.0))
+  samples = [sample(0, "a red circle"), sample(1, "a blue square")]
+  started = time.perf_counter()
+  batch = reward.result(reward.submit(samples), samples, deadline_s=0.2)
+  assert time.perf_counter() - started < 1.5
+  assert np.isnan(batch.components["precision"]).all()
+  assert batch.failures[("precision", "timeout")] == 2
+  assert batch.ids == ["ex0/0", "ex1/0"]

@@ -86,7 +86,9 @@ class JudgeReward:
                                                        thread_name_prefix="reward")
 
   def __call__(self, samples: Sequence[Sample]) -> RewardBatch:
-    judgements = self._judge(samples)
+    return self._batch(samples, self._judge(samples))
+
+  def _batch(self, samples: Sequence[Sample], judgements: list[Judgement]) -> RewardBatch:
     components = {name: np.array([getattr(j, name) for j in judgements], np.float32)
                   for name in JUDGED_COMPONENTS}
     components["length_ratio"] = np.array(
@@ -99,6 +101,17 @@ class JudgeReward:
     """Scores on a host thread; device work goes on meanwhile (JAX releases the GIL)."""
     return self._pool.submit(self, list(samples))
 
+  def result(self, future: concurrent.futures.Future, samples: Sequence[Sample],
+             deadline_s: float) -> RewardBatch:
+    """The submitted batch's rewards, or, if they are not ready within `deadline_s`, NaN
+    rewards with cause "timeout" (the late result is dropped): a run never waits longer."""
+    try:
+      return future.result(timeout=deadline_s)
+    except concurrent.futures.TimeoutError:
+      log.warning("judge %r missed the %.0f s deadline for %d samples; scoring them NaN",
+                  self.judge.name, deadline_s, len(samples))
+      return self._batch(samples, _failed(samples, "timeout"))
+
   def _judge(self, samples: Sequence[Sample]) -> list[Judgement]:
     try:
       judgements = self.judge.judge(samples)
@@ -109,16 +122,21 @@ class JudgeReward:
       # A judge bug or outage must cost rewards (NaN, counted), never the run.
       log.exception("judge %r failed on a batch of %d; scoring it NaN", self.judge.name,
                     len(samples))
-      failed = []
-      for sample in samples:
-        judgement = Judgement(sample.id)
-        for component in JUDGED_COMPONENTS:
-          judgement.fail(component, "judge_error")
-        failed.append(judgement)
-      return failed
+      return _failed(samples, "judge_error")
 
   def close(self) -> None:
     self._pool.shutdown(wait=True)
+
+
+def _failed(samples: Sequence[Sample], cause: str) -> list[Judgement]:
+  """Judgements with every judged component NaN for `cause`."""
+  failed = []
+  for sample in samples:
+    judgement = Judgement(sample.id)
+    for component in JUDGED_COMPONENTS:
+      judgement.fail(component, cause)
+    failed.append(judgement)
+  return failed
 
 
 def make_samples(examples: Sequence[dict[str, Any]], captions: Sequence[str],
