@@ -12,6 +12,7 @@ dangling), because precision counts those as assertions that failed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 from balcap.data.capworld import lexicon as lx
@@ -89,10 +90,15 @@ def _words(sentence: str) -> list[tuple[str, int, int]]:
   return words
 
 
+@functools.cache
+def _longest_phrase() -> int:
+  return max(len(k) for k in lx.phrase_table())
+
+
 def _lex(sentence: str) -> list[_Item]:
   """Longest-match lexicon lookup; unknown words become category "unknown"."""
   table = lx.phrase_table()
-  longest = max(len(k) for k in table)
+  longest = _longest_phrase()
   words = _words(sentence)
   items, k = [], 0
   while k < len(words):

@@ -133,7 +133,8 @@ def _groups(scene: Scene, view: Sequence[ObjectView], include: Sequence[int],
   """Shapes to describe together ("Two circles: ..."): object -> its group. Only whole
   groups: the sentence claims how many of that shape there are."""
   groups = {}
-  for shape in {view[o].shape for o in include}:
+  # Sorted: iterating a set of strings follows PYTHONHASHSEED, and the world must not.
+  for shape in sorted({view[o].shape for o in include}):
     members = tuple(o for o in include if view[o].shape == shape)
     everyone = [i for i, o in enumerate(scene.objects) if o.shape == shape]
     if 2 <= len(members) <= 3 and len(everyone) == len(members) and _chance(rng, 0.45):
@@ -173,7 +174,7 @@ def plan_reference(scene: Scene, view: Sequence[ObjectView], rng: np.random.Gene
   groups = {} if plain else _groups(scene, view, include, rng)
   counted = None
   if not plain and _chance(rng, 0.15):
-    shapes = [s for s in {view[o].shape for o in include} if s not in
+    shapes = [s for s in sorted({view[o].shape for o in include}) if s not in
               {view[o].shape for o in groups}
               and sum(o.shape == s for o in scene.objects) >= 2]
     counted = shapes[int(rng.integers(len(shapes)))] if shapes else None

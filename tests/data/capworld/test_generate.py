@@ -52,6 +52,29 @@ def test_example_has_the_promised_fields():
   assert all(isinstance(f, str) for f in example["sft_flaws"])
 
 
+# Enough examples that set-iteration order would show: plan.py once picked shapes by
+# iterating a set of names, which follows PYTHONHASHSEED.
+HASH_SEED_SCRIPT = """
+import hashlib, json
+from balcap.data.capworld import CapWorldSpec, make_example
+spec = CapWorldSpec(image_sizes=((112, 112),))
+digest = hashlib.sha256()
+for index in range(120):
+  e = make_example(spec, "train", index)
+  digest.update(json.dumps([e["references"], e["sft_caption"], e["sft_flaws"],
+                            e["scene_graph"]]).encode())
+print(digest.hexdigest())
+"""
+
+
+def test_examples_do_not_depend_on_the_python_hash_seed():
+  digests = {subprocess.run([sys.executable, "-c", HASH_SEED_SCRIPT], capture_output=True,
+                            text=True, check=True, cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONHASHSEED": seed,
+                                 "PYTHONPATH": REPO_ROOT}).stdout for seed in ("0", "5")}
+  assert len(digests) == 1
+
+
 def test_same_arguments_give_identical_examples_also_in_a_fresh_process():
   here = [_digest(make_example(SPEC, "train", index)) for index in INDICES]
   assert here == [_digest(make_example(SPEC, "train", index)) for index in INDICES]

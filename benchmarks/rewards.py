@@ -1,13 +1,15 @@
-"""Judge-client throughput against the local fake chat server (tests/rl/fake_chat_server.py).
+"""Reward throughput: the HTTP judge client against a local fake server, and CapWorldJudge.
 
-    python benchmarks/judge_client.py [--requests 2000] [--samples 256] [--in-process]
+    python benchmarks/rewards.py [--requests 2000] [--samples 256] [--capworld 512] [--in-process]
 
 The server answers at once; it runs in a child process (forked) so that it does not share
 the client's GIL, unless --in-process. Printed, best of --repeats calls:
   (a) raw client: chat requests/s through OpenAIChatBackend.complete at concurrency 64;
   (b) end to end: LLMJudge samples/s on a batch of --samples captions (8 rollouts per image,
       448 px images sent as PNG data URLs; 2 rounds: 4 requests per sample + references),
-      and the judge's requests/s.
+      and the judge's requests/s;
+  (c) CapWorldJudge captions/s on a batch of --capworld SFT captions (the exact judge: parse,
+      ground, verify, cover, rate; no model).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 # pylint: disable=wrong-import-position
 import numpy as np
 
+from balcap.data.capworld.generate import CapWorldSpec, make_example
+from balcap.rl.rewards.capworld_judge import CapWorldJudge
 from balcap.rl.rewards.chat import ChatRequest
 from balcap.rl.rewards.llm_judge import LLMJudge
 from balcap.rl.rewards.openai_backend import OpenAIChatBackend
@@ -70,6 +74,20 @@ def _samples(count: int, rollouts: int = 8, size: int = 448) -> list[Sample]:
   return samples[:count]
 
 
+def _capworld_samples(count: int) -> list[Sample]:
+  """SFT captions of CapWorld examples (8 per example, like rollouts) with their context."""
+  spec = CapWorldSpec(image_sizes=((224, 224),))
+  samples = []
+  for index in range(-(-count // 8)):
+    example = make_example(spec, "train", index)
+    for rollout in range(8):
+      caption = example["sft_caption"] if rollout % 2 else example["references"][0]
+      samples.append(Sample(f"{example['id']}/{rollout}", caption,
+                            tuple(example["references"]),
+                            fields={"scene_graph": example["scene_graph"]}))
+  return samples[:count]
+
+
 def _best(repeats: int, fn) -> float:
   times = []
   for _ in range(repeats):
@@ -85,6 +103,7 @@ def main() -> None:
   parser.add_argument("--samples", type=int, default=256)
   parser.add_argument("--concurrency", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--capworld", type=int, default=512)
   parser.add_argument("--in-process", action="store_true")
   args = parser.parse_args()
 
@@ -110,6 +129,10 @@ def main() -> None:
     num_requests = 4 * len(samples) + len({s.references for s in samples})
     print(f"end to end: {len(samples)} samples: {len(samples) / seconds:,.0f} samples/s, "
           f"{num_requests / seconds:,.0f} requests/s ({seconds:.2f} s, {failed} failed)")
+  capworld = _capworld_samples(args.capworld)
+  seconds = _best(args.repeats, lambda: CapWorldJudge().judge(capworld))
+  print(f"CapWorldJudge: {len(capworld)} captions: {len(capworld) / seconds:,.0f} captions/s "
+        f"({seconds:.2f} s)")
   where = "in this process" if args.in_process else "in a forked child process"
   print(f"server {where}; {os.cpu_count()} CPUs; Python {sys.version.split()[0]}")
 
