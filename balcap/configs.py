@@ -77,6 +77,35 @@ def base_config() -> ml_collections.ConfigDict:
   # Prompt lengths are padded to a multiple of this: fewer distinct programs to compile.
   c.sampling.prompt_bucket = 64
 
+  # Supervised warm start (mode sft, and the first stage of mode train when num_steps > 0).
+  c.sft = ml_collections.ConfigDict()
+  c.sft.num_steps = 0
+  c.sft.batch_size = 32           # global examples per step
+  c.sft.target = "sft_caption"    # the caption to learn: sft_caption (CapWorld) | reference
+  c.sft.max_length = 320          # tokens per chat (prompt + caption); longer ones are cut
+  c.sft.optimizer = _optimizer_section(learning_rate=1e-5, warmup_steps=0)
+
+  # RL (mode train): c-GDPO by default, see config.rewards and config.advantage.
+  c.rl = ml_collections.ConfigDict()
+  c.rl.num_steps = 0               # 0: no RL stage (mode train then only runs SFT and eval)
+  c.rl.batch_size = 16             # global prompts per step
+  c.rl.group_size = 8              # G rollouts per prompt
+  c.rl.num_inner_updates = 1       # mu: optimizer updates per batch of rollouts
+  c.rl.micro_batch_size = 0        # rollouts per gradient micro-batch; 0 = all at once
+  c.rl.loss = ml_collections.ConfigDict()
+  c.rl.loss.eps_low = 0.2          # clip ratio below at 1 - eps_low
+  c.rl.loss.eps_high = 0.2         # and above at 1 + eps_high (DAPO: 0.28)
+  c.rl.loss.dual_clip = 0.0        # > 1: cap the loss of negative-advantage tokens (0 = off)
+  c.rl.loss.kl_coef = 0.0          # beta of the KL to the frozen reference (0 = no reference)
+  c.rl.loss.kl_estimator = "k3"    # k1 | k2 | k3
+  c.rl.loss.aggregation = "token-mean"  # | seq-mean-token-mean | seq-mean-token-sum-norm
+  c.rl.loss.norm_length = 0
+  c.rl.optimizer = _optimizer_section(learning_rate=1e-6, warmup_steps=0)
+  c.rl.sample_table_every = 20     # write a table of sample captions every N steps
+  c.rl.eval_every = 0              # evaluate on config.data.eval_split every N steps (0 = off)
+  c.rl.eval_examples = 64          # examples per periodic evaluation
+  c.rl.final_eval_examples = -1    # test-split examples of the before/after table (-1 = all)
+
   # Rewards (METHOD.md): who judges the captions.
   c.rewards = ml_collections.ConfigDict()
   c.rewards.judge = "capworld"  # capworld (exact, CapWorld only) | openai | local
@@ -171,6 +200,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _optimizer_section(**overrides) -> ml_collections.ConfigDict:
+  """AdamW with warmup and a constant or cosine schedule (balcap/optim.py)."""
+  section = ml_collections.ConfigDict(dict(
+      learning_rate=1e-6, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      warmup_steps=0,                # linear warmup from 0
+      schedule="constant",           # after warmup: constant | cosine
+      decay_steps=0,                 # cosine length; 0 = the stage's num_steps
+      min_learning_rate_ratio=0.0,
+      max_grad_norm=1.0,             # global-norm clipping before Adam (0 = off)
+      freeze=(),                     # regexes over param paths, e.g. ("^visual/",)
+      moment_dtype="float32"))       # Adam moments, float32 even for bfloat16 params
+  section.update(overrides)
+  return section
+
+
 # Mesh shapes for common machines (config files' `hardware=` argument).
 MESH_PRESETS = {
     # Every device a data-parallel replica: small models, CPU smoke tests.
@@ -241,6 +285,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   problems += _model_problems(config.model, needs_model=config.mode != "data")
   problems += _sampling_problems(config.sampling)
   problems += _reward_problems(config)
+  problems += _training_problems(config)
   if problems:
     raise ConfigError(problems)
 
@@ -293,17 +338,23 @@ def _mesh_and_batch_problems(config, num_devices: int, process_count: int) -> li
     return [str(e)]
   problems = []
   batch_shards = shape["data"] * shape["fsdp"]
-  if config.batch_size <= 0:
-    problems.append(f"config.batch_size={config.batch_size} must be positive")
-  elif config.batch_size % batch_shards:
-    problems.append(
-        f"config.batch_size={config.batch_size} does not divide over the "
-        f"{batch_shards} data shards (mesh.data={shape['data']} x mesh.fsdp={shape['fsdp']}); "
-        f"use a multiple of {batch_shards}, e.g. {_round_up(config.batch_size, batch_shards)}")
-  if config.batch_size > 0 and config.batch_size % process_count:
-    problems.append(
-        f"config.batch_size={config.batch_size} does not divide over the {process_count} "
-        f"hosts; use a multiple of {process_count}")
+  sizes = {"config.batch_size": config.batch_size}
+  if config.sft.num_steps > 0:
+    sizes["config.sft.batch_size"] = config.sft.batch_size
+  if config.rl.num_steps > 0:
+    sizes["config.rl.batch_size"] = config.rl.batch_size
+  for field, size in sizes.items():
+    if size <= 0:
+      problems.append(f"{field}={size} must be positive")
+      continue
+    if size % batch_shards:
+      problems.append(
+          f"{field}={size} does not divide over the {batch_shards} data shards "
+          f"(mesh.data={shape['data']} x mesh.fsdp={shape['fsdp']}); use a multiple of "
+          f"{batch_shards}, e.g. {_round_up(size, batch_shards)}")
+    if size % process_count:
+      problems.append(f"{field}={size} does not divide over the {process_count} hosts; use "
+                      f"a multiple of {process_count}")
   return problems
 
 
@@ -418,4 +469,34 @@ def _reward_problems(config) -> list[str]:
     advantages.from_config(config.advantage)
   except (ValueError, TypeError) as e:
     problems.append(f"config.advantage: {e}")
+  return problems
+
+
+def _training_problems(config) -> list[str]:
+  # pylint: disable=import-outside-toplevel
+  from balcap import optim
+  from balcap.rl import losses
+  problems = []
+  for stage in ("sft", "rl"):
+    try:
+      optim.from_config(config[stage].optimizer)
+    except (ValueError, TypeError) as e:
+      problems.append(f"config.{stage}.optimizer: {e}")
+  try:
+    losses.from_config(config.rl.loss)
+  except (ValueError, TypeError) as e:
+    problems.append(f"config.rl.loss: {e}")
+  if config.sft.target not in ("sft_caption", "reference"):
+    problems.append(f"config.sft.target={config.sft.target!r}: use sft_caption or reference")
+  if config.sft.target == "sft_caption" and config.data.name != "capworld" and (
+      config.sft.num_steps > 0):
+    problems.append("config.sft.target='sft_caption' exists only in CapWorld; use 'reference'")
+  rl = config.rl
+  if rl.num_steps > 0:
+    rows = rl.batch_size * rl.group_size
+    if rl.micro_batch_size and rows % rl.micro_batch_size:
+      problems.append(f"config.rl.micro_batch_size={rl.micro_batch_size} does not divide the "
+                      f"{rows} rollouts of a step (batch_size x group_size)")
+    if rl.group_size < 2:
+      problems.append(f"config.rl.group_size={rl.group_size}: group normalisation needs >= 2")
   return problems

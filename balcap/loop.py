@@ -1,7 +1,8 @@
 """The step loop every training mode shares: resume, checkpoints, preemption, metrics, progress.
 
 A mode supplies a state pytree (freshly initialised and placed on the current mesh), a data
-iterator and a pure-ish `step_fn(state, batch, step) -> (state, metrics)`. The loop:
+iterator and a pure-ish `step_fn(state, batch, step) -> (state, metrics)` (a `"_texts"` entry
+in the metrics, {name: text}, is written as text every time it appears). The loop:
 - resumes from the latest complete checkpoint in `workdir/checkpoints` when there is one
   (state restored onto the CURRENT mesh, data iterator restored to the next unseen batch);
 - checkpoints every `config.checkpoint.every_steps`, at the last step, and when preempted
@@ -106,6 +107,9 @@ def run(*, workdir: str, config, state: Any, data_iterator: Any, step_fn: StepFn
         state, step_metrics = step_fn(state, batch, step + 1)
         step += 1
         bar.update(1)
+        texts = step_metrics.pop("_texts", None)  # tables of samples, written every time
+        if texts:
+          writer.write_texts(step, texts)
         if step % config.metrics.log_every_steps == 0 or step == config.num_steps:
           now = time.time()
           writer.write_scalars(step, {

@@ -51,6 +51,7 @@ class JsonlWriter:
 
   def _write(self, record: dict) -> None:
     self._file.write(json.dumps(record, allow_nan=False) + "\n")
+    self._file.flush()  # one line per log step: cheap, and readable while the run goes on
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = {k: _finite_or_str(_scalar(k, v)) for k, v in scalars.items()}

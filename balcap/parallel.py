@@ -8,6 +8,7 @@ strategy means changing the mesh shape or this table, never model code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -200,6 +201,40 @@ def make_global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, j
     global_shape = (global_size,) + array.shape[1:]
     result[key] = jax.make_array_from_process_local_data(sharding, array, global_shape)
   return result
+
+
+# Model-input fields and their batch axis; None = not aligned with the batch (an image patch
+# table and its index layout), which every device gets whole.
+BATCH_AXIS_OF = {"position_ids": 1, "pixel_values": None, "vision_layout": None,
+                 "image_grid_thw": None}
+
+
+def global_inputs(inputs: Mapping[str, Any], mesh: Mesh | None) -> dict[str, Any]:
+  """Host-prepared model inputs as device arrays: batch-aligned fields split over the batch
+  axes (`BATCH_AXIS_OF`, default axis 0), the rest replicated. Single-process; without a mesh,
+  everything goes to the default device."""
+  if mesh is None:
+    return jax.device_put(dict(inputs))
+  out = {}
+  for key, value in inputs.items():
+    axis = BATCH_AXIS_OF.get(key, 0)
+    if axis is None:
+      out[key] = jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
+    else:
+      spec = (None,) * axis + (BATCH_AXES,)
+      out[key] = jax.device_put(value, NamedSharding(mesh, PartitionSpec(*spec)))
+  return out
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh | None):
+  """The logical-axis rules and (when given) the mesh, for code that annotates shardings."""
+  with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    if mesh is None:
+      yield
+    else:
+      with jax.set_mesh(mesh):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------

@@ -261,17 +261,14 @@ def prepare_prompts(policy, batch: dict[str, Any], prompt_bucket: int = PROMPT_B
   return left_pad(family.prepare_inputs(config, batch, **buckets), prompt_bucket)
 
 
-def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
-             max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, eos_token_ids: tuple[int, ...] | None = None,
-             forbidden_token_ids: tuple[int, ...] | None = None, pad_token_id: int | None = None,
-             cache_dtype: str | None = None, prompt_bucket: int = PROMPT_BUCKET) -> Rollouts:
-  """num_samples rollouts of every prompt of a processor batch (see the module docstring).
-
-  Defaults come from the policy: end-of-sequence ids from its config and processor, forbidden
-  ids = its image/video/vision special tokens, the cache in the model's compute dtype. The
-  same seed, inputs and mesh give the same rollouts.
-  """
+def sampling_params(policy, *, max_new_tokens: int, num_samples: int = 1,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    eos_token_ids: tuple[int, ...] | None = None,
+                    forbidden_token_ids: tuple[int, ...] | None = None,
+                    pad_token_id: int | None = None,
+                    cache_dtype: str | None = None) -> SamplingParams:
+  """SamplingParams with the policy's defaults: end ids from its config and processor,
+  forbidden ids = its image/video/vision special tokens, the cache in its compute dtype."""
   family, config = policy.family, policy.config
   if eos_token_ids is None:
     eos_token_ids = tuple(config.eos_token_ids)
@@ -281,23 +278,49 @@ def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
     forbidden_token_ids = family.special_token_ids(config)
   if pad_token_id is None:
     pad_token_id = policy.processor.token_ids.pad_id if policy.processor is not None else 0
-  spec = SamplingParams(max_new_tokens, num_samples, float(temperature), float(top_p),
+  return SamplingParams(max_new_tokens, num_samples, float(temperature), float(top_p),
                         int(top_k), tuple(eos_token_ids), tuple(forbidden_token_ids),
                         int(pad_token_id), cache_dtype or family.compute_dtype(config))
+
+
+SAMPLER_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout")
+
+
+def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
+             max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_token_ids: tuple[int, ...] | None = None,
+             forbidden_token_ids: tuple[int, ...] | None = None, pad_token_id: int | None = None,
+             cache_dtype: str | None = None, prompt_bucket: int = PROMPT_BUCKET) -> Rollouts:
+  """num_samples rollouts of every prompt of a processor batch (see the module docstring).
+
+  Defaults come from the policy (see `sampling_params`). The same seed, inputs and mesh give
+  the same rollouts.
+  """
+  spec = sampling_params(policy, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                         temperature=temperature, top_p=top_p, top_k=top_k,
+                         eos_token_ids=eos_token_ids, forbidden_token_ids=forbidden_token_ids,
+                         pad_token_id=pad_token_id, cache_dtype=cache_dtype)
   prepared = prepare_prompts(policy, batch, prompt_bucket)
-  inputs = {k: prepared[k] for k in ("input_ids", "attention_mask", "position_ids",
-                                     "pixel_values", "vision_layout")
-            if prepared.get(k) is not None}
-  start = family.decode_start(config, prepared).astype(np.int32)
+  start = policy.family.decode_start(policy.config, prepared).astype(np.int32)
+  inputs = parallel.global_inputs({k: prepared[k] for k in SAMPLER_INPUTS
+                                   if prepared.get(k) is not None}, policy.mesh)
+  return generate_prepared(policy, params, inputs, start, rng, spec)
+
+
+def generate_prepared(policy, params: Any, inputs: dict[str, Any], start: np.ndarray,
+                      rng: jax.Array, spec: SamplingParams) -> Rollouts:
+  """`generate` on prompts already prepared (`prepare_prompts`) and placed on the devices:
+  the learner prepares once and reuses the prompts for scoring."""
   signature = (spec, tuple((jax.tree_util.keystr(path), np.shape(leaf))
                            for path, leaf in jax.tree_util.tree_leaves_with_path(inputs)))
   if signature not in _COMPILED_SHAPES:
     _COMPILED_SHAPES.add(signature)
     log.info("sampler: compiling program #%d (batch %s, prompt length %d, G=%d, %d new tokens)",
              len(_COMPILED_SHAPES), inputs["input_ids"].shape[0], inputs["input_ids"].shape[1],
-             num_samples, max_new_tokens)
+             spec.num_samples, spec.max_new_tokens)
   program = _cached_program(policy.module, spec, policy.mesh)
-  return program(params, inputs, jnp.asarray(start), rng)
+  return program(params, inputs, parallel.global_inputs({"start": start}, policy.mesh)["start"],
+                 rng)
 
 
 def compiled_programs() -> int:

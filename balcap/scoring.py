@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from balcap import sampling
+from balcap import parallel, sampling
 
 
 def continuation_batch(policy, batch: dict[str, Any], tokens: np.ndarray, lengths: np.ndarray,
@@ -61,8 +61,9 @@ def continuation_logprobs(policy, params: Any, inputs: dict[str, Any], prompt_le
                           tokens: jax.Array, temperature: float = 1.0) -> jax.Array:
   """[R, N] teacher-forced log-probabilities of `tokens`; entries past a row's length score
   padding and must be masked with the lengths before use."""
-  return _continuation_logprobs(policy.module, params, inputs, prompt_length,
-                                jnp.asarray(tokens), float(temperature))
+  with parallel.mesh_context(policy.mesh):
+    return _continuation_logprobs(policy.module, params, inputs, prompt_length,
+                                  jnp.asarray(tokens), float(temperature))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 5))

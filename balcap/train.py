@@ -1,27 +1,27 @@
-"""Mode `train`: the RL run of a config, stage by stage, saying what each stage did.
+"""Mode `train`: the method end to end, stage by stage, saying what each stage did.
 
-Stages, in order: prepare the data set; SFT warm start; c-GDPO RL; before/after evaluation.
-This version of balcap has the data stages but no policy or learner yet (they arrive with the
-model, sampler, rewards and learner issues), so `train` prepares the data and runs the training
-loop over the real input pipeline with a data-only step: global batches assembled from every
-host's shard, a jitted, sharded fold of the example ids (a digest that proves resume is exact),
-checkpoints, preemption and metrics, exactly as the learner will use them.
+  1. data: prepare the data set (`balcap.data.datasets`);
+  2. SFT warm start, when config.sft.num_steps > 0 (`balcap.sft`, checkpoints in workdir/sft);
+  3. evaluate the warm-started policy on the test split (the "before" column);
+  4. RL, when config.rl.num_steps > 0 (`balcap.rl.learner`, checkpoints in workdir/rl);
+  5. evaluate again and print the before/after table (also in workdir/eval.json).
+Every stage resumes: running the same command again continues an interrupted run, and a
+finished stage is restored from its last checkpoint instead of being redone.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
-import zlib
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from balcap import loop, parallel
-from balcap.data import datasets, pipeline
-
-_DIGEST_BASE = np.uint32(1_000_003)  # polynomial rolling hash of the id sequence, mod 2**32
+from balcap import models, parallel, sft
+from balcap.data import datasets
+from balcap.evals import captioning
+from balcap.rl import learner
+from balcap.rl.rewards import factory
 
 
 def report(message: str) -> None:
@@ -30,76 +30,66 @@ def report(message: str) -> None:
     print(message, flush=True)
 
 
-def id_hashes(ids: list[str]) -> np.ndarray:
-  return np.array([zlib.crc32(i.encode("utf-8")) for i in ids], dtype=np.uint32)
-
-
-def fold_digest(digest: jax.Array, hashes: jax.Array) -> jax.Array:
-  """digest * BASE**B + sum_i hashes[i] * BASE**(B-1-i), in wrapping uint32 arithmetic.
-
-  Order-sensitive, so two runs have equal digests only if they saw the same ids in the same
-  order; associative over batches, so it does not matter how the stream was split into runs.
-  """
-  size = hashes.shape[0]
-  powers = jnp.cumprod(jnp.full((size,), _DIGEST_BASE, jnp.uint32))  # BASE**1 .. BASE**B
-  weights = jnp.concatenate([jnp.ones((1,), jnp.uint32), powers[:-1]])[::-1]
-  return digest * powers[-1] + jnp.sum(hashes * weights, dtype=jnp.uint32)
-
-
-def data_pass_state(mesh) -> dict[str, jax.Array]:
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.device_put({"examples_seen": jnp.zeros((), jnp.int32),
-                         "ids_digest": jnp.zeros((), jnp.uint32)}, replicated)
-
-
-def make_data_pass_step(mesh):
-  """A step that consumes one global batch: counts it, folds its ids, measures its captions."""
-
-  @jax.jit
-  def update(state, batch):
-    hashes = batch["id_hash"]
-    new_state = {"examples_seen": state["examples_seen"] + hashes.shape[0],
-                 "ids_digest": fold_digest(state["ids_digest"], hashes)}
-    words = batch["reference_words"]
-    return new_state, {"data/reference_words_mean": jnp.mean(words),
-                       "data/reference_words_max": jnp.max(words),
-                       "data/examples_seen": new_state["examples_seen"]}
-
-  def step_fn(state, batch, step):
-    del step
-    local = {"id_hash": id_hashes(batch["id"]),
-             "reference_words": np.array([len(refs[0].split()) for refs in batch["references"]],
-                                         dtype=np.float32)}
-    return update(state, parallel.make_global_batch(local, mesh))
-
-  return step_fn
-
-
-def run(config, workdir: str) -> loop.LoopResult:
+def run(config, workdir: str) -> dict:
   report(f"balcap train: workdir {workdir}")
   started = time.time()
   builder = datasets.prepare(config.data)
   sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
-  report(f"[1/4] data: {builder.info.full_name} ready in {time.time() - started:.1f}s "
-         f"at {builder.data_dir}; examples per split: {sizes}")
+  report(f"[1/5] data: {builder.info.full_name} ready in {time.time() - started:.1f}s; "
+         f"examples per split: {sizes}")
 
-  report("[2/4] SFT warm start: not in this version of balcap (needs the policy and learner)")
   mesh = parallel.make_mesh(config.mesh)
-  source = datasets.open_split(builder, config.data.train_split)
-  iterator = pipeline.train_iterator(
-      source, batch_size=parallel.host_batch_size(config.batch_size), seed=config.seed,
-      read_threads=config.data.read_threads, prefetch_batches=config.data.prefetch_batches)
-  report(f"[3/4] RL: no policy or learner in this version; running the training loop over the "
-         f"input pipeline instead ({config.num_steps} steps x {config.batch_size} examples, "
-         f"mesh {dict(mesh.shape)}, {jax.process_count()} host(s))")
-  result = loop.run(workdir=workdir, config=config, state=data_pass_state(mesh),
-                    data_iterator=iterator, step_fn=make_data_pass_step(mesh),
-                    description="data pass")
-  seen = int(result.state["examples_seen"])
-  resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
-  report(f"      {result.step}/{config.num_steps} steps{resumed}, {seen} examples read "
-         f"(epoch {seen / max(sizes.get(config.data.train_split, 1), 1):.2f}), "
-         f"id digest {int(result.state['ids_digest']):08x}, {result.seconds:.1f}s; "
-         f"checkpoints in {workdir}/checkpoints, metrics in {workdir}/metrics.jsonl")
-  report("[4/4] before/after evaluation: not in this version (needs the policy)")
-  return result
+  policy = models.policy_from_config(config.model, jax.random.key(config.seed), mesh=mesh)
+  if policy.processor is None:
+    raise ValueError("mode train needs a tokenizer: set config.model.tokenizer")
+  count = sum(x.size for x in jax.tree.leaves(policy.params))
+  report(f"      policy: {policy.family.model_type}, {count / 1e6:.2f}M parameters, mesh "
+         f"{dict(mesh.shape)}, {jax.process_count()} host(s)")
+
+  stage_started = time.time()
+  if config.sft.num_steps > 0:
+    result = sft.run(config, os.path.join(workdir, "sft"), policy)
+    policy.params = result.state["params"]
+    report(f"[2/5] SFT: {result.step}/{config.sft.num_steps} steps on "
+           f"{config.sft.target} captions in {time.time() - stage_started:.0f}s"
+           + (f" (resumed from step {result.resumed_from})" if result.resumed_from else ""))
+  else:
+    report("[2/5] SFT: skipped (config.sft.num_steps = 0)")
+
+  reward = factory.reward_from_config(config, workdir, processor=policy.processor, mesh=mesh)
+  test = datasets.open_split(builder, config.data.test_split)
+  evaluate = lambda params: captioning.evaluate(
+      policy, params, test, reward, prompt=config.sampling.prompt,
+      max_new_tokens=config.sampling.max_new_tokens,
+      batch_size=parallel.host_batch_size(config.batch_size),
+      num_examples=config.rl.final_eval_examples, prompt_bucket=config.sampling.prompt_bucket)
+  stage_started = time.time()
+  before, before_examples = evaluate(policy.params)
+  report(f"[3/5] evaluation before RL on {int(before['examples'])} {config.data.test_split} "
+         f"examples: b-CapScore {before['b_capscore']:.1f} ({time.time() - stage_started:.0f}s)")
+
+  stage_started = time.time()
+  if config.rl.num_steps > 0:
+    result = learner.run(config, os.path.join(workdir, "rl"), policy, reward)
+    params = result.state["params"]
+    report(f"[4/5] RL ({config.advantage.estimator}, judge {config.rewards.judge}): "
+           f"{result.step}/{config.rl.num_steps} steps in {time.time() - stage_started:.0f}s"
+           + (f" (resumed from step {result.resumed_from})" if result.resumed_from else ""))
+  else:
+    params = policy.params
+    report("[4/5] RL: skipped (config.rl.num_steps = 0)")
+
+  after, after_examples = evaluate(params)
+  report(f"[5/5] evaluation after RL ({config.data.test_split}, greedy captions, judge "
+         f"{config.rewards.judge}):\n{captioning.table(before, after)}")
+  for label, examples in (("SFT", before_examples), ("after RL", after_examples)):
+    for example in examples:
+      report(f"  {label} {example['id']}: {example['caption']}")
+  summary = {"before": before, "after": after, "examples": {"before": before_examples,
+                                                            "after": after_examples}}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+  report(f"done in {time.time() - started:.0f}s; metrics in {workdir}/*/metrics.jsonl, "
+         f"samples in {workdir}/rl/samples.jsonl")
+  return summary

@@ -1,0 +1,1 @@
+"""Evaluations of captioners: the judge-scored before/after table (captioning.py)."""

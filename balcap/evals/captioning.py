@@ -1,0 +1,93 @@
+"""Caption a held-out split greedily and score it with the run's judge: the before/after table.
+
+Reports precision, recall, linguistic (means over the captions each could score),
+b-CapScore (100 x the harmonic mean of those three means, the paper's table metric), and the
+mean length ratio to the references, plus a few example captions. Each host captions its own
+shard; the sums are combined over hosts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from balcap import parallel, sampling
+from balcap.data import pipeline
+from balcap.rl.rewards import functions
+
+COMPONENTS = ("precision", "recall", "linguistic", "length_ratio")
+
+
+def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prompt: str,
+             max_new_tokens: int, batch_size: int, num_examples: int = -1,
+             prompt_bucket: int = sampling.PROMPT_BUCKET, num_shown: int = 2
+             ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+  """(metrics, example rows) for greedy captions of `source` (its first `num_examples`)."""
+  if 0 <= num_examples < len(source):
+    source = [source[i] for i in range(num_examples)]
+  sums = np.zeros(len(COMPONENTS) + 1)  # + caption words
+  counts = np.zeros(len(COMPONENTS) + 1)
+  shown: list[dict[str, Any]] = []
+  spec = None
+  for batch in pipeline.eval_batches(source, batch_size=batch_size):
+    real = np.asarray(batch["mask"])
+    images = [Image.fromarray(np.asarray(image)) for image in batch["image"]]
+    chats = policy.processor(prompts=[prompt] * len(images), images=images)
+    if spec is None:
+      spec = sampling.sampling_params(policy, max_new_tokens=max_new_tokens, temperature=0.0)
+    prepared = sampling.prepare_prompts(policy, chats, prompt_bucket)
+    inputs = {k: prepared[k] for k in sampling.SAMPLER_INPUTS if prepared.get(k) is not None}
+    rollouts = sampling.generate_prepared(
+        policy, params, parallel.global_inputs(inputs, policy.mesh),
+        policy.family.decode_start(policy.config, prepared), jax.random.key(0), spec)
+    captions = decode(policy, rollouts)
+    examples = [{k: batch[k][i] for k in batch if k != "mask"} for i in range(len(captions))]
+    rewards = reward(functions.make_samples(examples, captions, 1))
+    for i, caption in enumerate(captions):
+      if not real[i]:
+        continue
+      values = [rewards.components[c][i] for c in COMPONENTS] + [len(caption.split())]
+      for k, value in enumerate(values):
+        if not math.isnan(value):
+          sums[k] += value
+          counts[k] += 1
+      if len(shown) < num_shown:
+        shown.append({"id": examples[i]["id"], "caption": caption,
+                      "reference": examples[i]["references"][0],
+                      **{c: float(rewards.components[c][i]) for c in COMPONENTS}})
+  if jax.process_count() > 1:
+    gathered = multihost_utils.process_allgather(np.stack([sums, counts]))
+    sums, counts = gathered.sum(axis=0)
+  means = sums / np.maximum(counts, 1)
+  metrics = {name: float(means[k]) for k, name in enumerate(COMPONENTS)}
+  metrics["words"] = float(means[-1])
+  metrics["b_capscore"] = float(functions.b_capscore(*(np.array([metrics[c]]) for c in
+                                                       ("precision", "recall",
+                                                        "linguistic")))[0])
+  metrics["examples"] = float(counts[0])
+  return metrics, shown
+
+
+def decode(policy, rollouts: sampling.Rollouts) -> list[str]:
+  """Caption text of each rollout: its tokens up to (without) the end token."""
+  tokens = np.asarray(jax.device_get(rollouts.tokens))
+  lengths = np.asarray(jax.device_get(rollouts.lengths))
+  finished = np.asarray(jax.device_get(rollouts.finished))
+  return [policy.processor.decode(row[:length - 1] if ended else row[:length]).strip()
+          for row, length, ended in zip(tokens, lengths, finished)]
+
+
+def table(before: dict[str, float], after: dict[str, float]) -> str:
+  """The before/after table, as printed at the end of a run."""
+  rows = [("precision", 3), ("recall", 3), ("linguistic", 3), ("b_capscore", 1),
+          ("length_ratio", 2), ("words", 1)]
+  lines = [f"{'':14s}{'SFT':>10s}{'after RL':>10s}{'change':>10s}"]
+  for name, digits in rows:
+    lines.append(f"{name:14s}{before[name]:10.{digits}f}{after[name]:10.{digits}f}"
+                 f"{after[name] - before[name]:+10.{digits}f}")
+  return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""The RL stage of mode `train`: c-GDPO (or a baseline) on the configured data and judge.
+
+One step, for each host's shard of `config.rl.batch_size` prompts:
+  1. sample G rollouts per prompt with the current params (`balcap.sampling`);
+  2. submit the captions to the judge on a host thread (`JudgeReward.submit`) and, meanwhile,
+     compute on the devices the teacher-forced logprobs of the rollouts under the current
+     ("old") params and, when the KL term is on, under the frozen reference;
+  3. collect the rewards (NaN where unscored; a missed deadline is NaN, not a wait), shape and
+     normalise them into one advantage per rollout (`rl/advantages.py`);
+  4. update: mu passes of micro-batched gradient accumulation and AdamW (`rl/update.py`).
+The loop, checkpoints (workdir/rl), resume, SIGTERM and metrics are `balcap.loop`'s. The step's
+PRNG key is folded from the run's seed and the step number, so a resumed run samples exactly
+what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from balcap import loop, optim, parallel, sampling, scoring, train_state
+from balcap.data import datasets, pipeline
+from balcap.evals import captioning
+from balcap.rl import advantages as advantages_lib
+from balcap.rl import losses, update
+from balcap.rl.rewards import functions
+
+log = logging.getLogger(__name__)
+
+
+class RLStep:
+  """The host side of one step (see the module docstring); called by `balcap.loop`."""
+
+  def __init__(self, config, workdir: str, policy, reward: functions.JudgeReward,
+               ref_params: Any = None, eval_source=None):
+    self.config, self.workdir, self.policy, self.reward = config, workdir, policy, reward
+    self.ref_params = ref_params
+    self.eval_source = eval_source
+    rl = config.rl
+    self.group = rl.group_size
+    self.host_prompts = parallel.host_batch_size(rl.batch_size)
+    rows = self.host_prompts * self.group * jax.process_count()
+    self.micro_batches = rows // rl.micro_batch_size if rl.micro_batch_size else 1
+    self.loss_config = losses.from_config(rl.loss)
+    self.advantage_config = advantages_lib.from_config(config.advantage)
+    self.optimizer = optim.make_optimizer(optim.from_config(rl.optimizer),
+                                          total_steps=rl.num_steps)
+    sampling_config = config.sampling
+    self.spec = sampling.sampling_params(
+        policy, max_new_tokens=sampling_config.max_new_tokens, num_samples=self.group,
+        temperature=sampling_config.temperature, top_p=sampling_config.top_p,
+        top_k=sampling_config.top_k)
+    self._updates: dict[int, Any] = {}  # prompt length -> compiled update
+    self._advantages = jax.jit(lambda r, q: advantages_lib.compute(self.advantage_config, r, q))
+    self.base_key = jax.random.key(config.seed)
+
+  def _update_fn(self, prompt_length: int):
+    if prompt_length not in self._updates:
+      self._updates[prompt_length] = update.make_update(
+          self.policy.module, self.optimizer, self.loss_config, prompt_length=prompt_length,
+          num_micro_batches=self.micro_batches, num_passes=self.config.rl.num_inner_updates,
+          temperature=self.spec.temperature or 1.0, mesh=self.policy.mesh)
+    return self._updates[prompt_length]
+
+  def __call__(self, state: dict[str, Any], examples: dict[str, Any], step: int):
+    timings, started = {}, time.perf_counter()
+    policy, mesh, config = self.policy, self.policy.mesh, self.config
+    key = jax.random.fold_in(self.base_key, step)
+    images = [Image.fromarray(np.asarray(image)) for image in examples["image"]]
+    chats = policy.processor(prompts=[config.sampling.prompt] * len(images), images=images)
+    prepared = sampling.prepare_prompts(policy, chats, config.sampling.prompt_bucket)
+    prompt_inputs = parallel.global_inputs(
+        {k: prepared[k] for k in sampling.SAMPLER_INPUTS if prepared.get(k) is not None}, mesh)
+    start = policy.family.decode_start(policy.config, prepared)
+    rollouts = sampling.generate_prepared(policy, state["params"], prompt_inputs, start, key,
+                                          self.spec)
+    captions = captioning.decode(policy, rollouts)  # waits for the sampler
+    timings["sample"] = time.perf_counter() - started
+
+    rows = [{k: examples[k][i] for k in examples} for i in range(len(images))]
+    samples = functions.make_samples(rows, captions, self.group)
+    pending = self.reward.submit(samples)
+
+    tokens = np.asarray(jax.device_get(rollouts.tokens))
+    lengths = np.asarray(jax.device_get(rollouts.lengths))
+    inputs, prompt_length = scoring.continuation_batch(policy, chats, tokens, lengths,
+                                                       self.group,
+                                                       config.sampling.prompt_bucket)
+    inputs = parallel.global_inputs(inputs, mesh)
+    tokens_device = parallel.global_inputs({"t": tokens}, mesh)["t"]
+    temperature = self.spec.temperature or 1.0
+    old_logprobs = scoring.continuation_logprobs(policy, state["params"], inputs,
+                                                 prompt_length, tokens_device, temperature)
+    ref_logprobs = None
+    if self.ref_params is not None:
+      ref_logprobs = scoring.continuation_logprobs(policy, self.ref_params, inputs,
+                                                   prompt_length, tokens_device, temperature)
+    reward_started = time.perf_counter()
+    rewards = self.reward.result(pending, samples, config.rewards.deadline_s)
+    timings["reward_wait"] = time.perf_counter() - reward_started
+
+    mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
+    shape = (len(images), self.group)
+    components = {name: rewards.components[name].reshape(shape)
+                  for name in self.advantage_config.components}
+    ratio = rewards.components["length_ratio"].reshape(shape)
+    advantages, advantage_stats = self._advantages(components, ratio)
+
+    update_started = time.perf_counter()
+    batch = {"inputs": inputs, "tokens": tokens_device,
+             **parallel.global_inputs({"mask": mask}, mesh),
+             "old_logprobs": old_logprobs,
+             "advantages": parallel.global_inputs(
+                 {"a": np.asarray(advantages).reshape(-1)}, mesh)["a"]}
+    if ref_logprobs is not None:
+      batch["ref_logprobs"] = ref_logprobs
+    state, update_metrics = self._update_fn(prompt_length)(state, batch)
+    jax.block_until_ready(state["step"])
+    timings["update"] = time.perf_counter() - update_started
+
+    metrics = {**rewards.metrics(), **advantage_stats, **update_metrics}
+    metrics.update(self._rollout_metrics(tokens, lengths, rollouts, old_logprobs, mask, samples,
+                                         rewards))
+    total = time.perf_counter() - started
+    metrics.update({f"time/{k}": v for k, v in timings.items()})
+    metrics["time/step"] = total
+    metrics["throughput/rollout_tokens_per_second"] = float(mask.sum()) / total
+    metrics["learning_rate"] = float(optim.learning_rate_schedule(
+        optim.from_config(config.rl.optimizer), config.rl.num_steps)(step - 1))
+    if config.rl.sample_table_every and step % config.rl.sample_table_every == 0:
+      metrics["_texts"] = self._sample_table(step, samples, rewards, np.asarray(advantages))
+    if config.rl.eval_every and step % config.rl.eval_every == 0 and self.eval_source:
+      eval_metrics, _ = self.evaluate(state["params"], config.rl.eval_examples)
+      metrics.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+    return state, metrics
+
+  def _rollout_metrics(self, tokens, lengths, rollouts, old_logprobs, mask, samples, rewards):
+    sampler = np.asarray(jax.device_get(rollouts.logprobs))
+    trainer = np.asarray(jax.device_get(old_logprobs))
+    real = mask > 0
+    gap = np.abs(sampler - trainer)[real]
+    words = np.array([len(s.caption.split()) for s in samples], np.float32)
+    reference_words = np.array([np.mean([len(r.split()) for r in s.references])
+                                for s in samples], np.float32)
+    finished = np.asarray(jax.device_get(rollouts.finished))
+    return {"rollout/tokens_mean": float(lengths.mean()),
+            "rollout/words_mean": float(words.mean()),
+            "rollout/reference_words_mean": float(reference_words.mean()),
+            "rollout/length_ratio_mean": float(np.nanmean(rewards.components["length_ratio"])),
+            "rollout/unfinished_fraction": float(1.0 - finished.mean()),
+            "mismatch/sampler_vs_trainer_logprob_mean": float(gap.mean()) if gap.size else 0.0,
+            "mismatch/sampler_vs_trainer_logprob_max": float(gap.max()) if gap.size else 0.0}
+
+  def _sample_table(self, step, samples, rewards, advantages, rows: int = 8) -> dict[str, str]:
+    """A few captions with their rewards: JSONL in workdir/samples.jsonl, markdown for TB."""
+    flat = advantages.reshape(-1)
+    entries = []
+    for i, sample in enumerate(samples[:rows]):
+      entries.append({"step": step, "id": sample.id, "caption": sample.caption,
+                      **{c: float(rewards.components[c][i]) for c in functions.COMPONENTS},
+                      "advantage": float(flat[i])})
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "samples.jsonl"), "a", encoding="utf-8") as f:
+        for entry in entries:
+          f.write(json.dumps(entry) + "\n")
+    header = "| id | precision | recall | linguistic | ratio | advantage | caption |\n" + (
+        "|---|---|---|---|---|---|---|\n")
+    body = "".join(f"| {e['id']} | {e['precision']:.2f} | {e['recall']:.2f} | "
+                   f"{e['linguistic']:.2f} | {e['length_ratio']:.2f} | {e['advantage']:+.2f} | "
+                   f"{e['caption'][:300]} |\n" for e in entries)
+    return {"samples": header + body}
+
+  def evaluate(self, params, num_examples: int):
+    config = self.config
+    return captioning.evaluate(
+        self.policy, params, self.eval_source, self.reward, prompt=config.sampling.prompt,
+        max_new_tokens=config.sampling.max_new_tokens,
+        batch_size=parallel.host_batch_size(config.batch_size), num_examples=num_examples,
+        prompt_bucket=config.sampling.prompt_bucket)
+
+
+def run(config, workdir: str, policy, reward: functions.JudgeReward) -> loop.LoopResult:
+  """config.rl.num_steps RL steps from `policy`'s params (resuming workdir's checkpoints)."""
+  rl = config.rl
+  builder = datasets.prepare(config.data)
+  source = datasets.open_split(builder, config.data.train_split)
+  iterator = pipeline.train_iterator(
+      source, batch_size=parallel.host_batch_size(rl.batch_size), seed=config.seed + 1,
+      read_threads=config.data.read_threads, prefetch_batches=config.data.prefetch_batches)
+  eval_source = (datasets.open_split(builder, config.data.eval_split) if rl.eval_every
+                 else None)
+  ref_params = None
+  if losses.from_config(rl.loss).kl_coef > 0:
+    # A copy: the training state's params are donated to (and overwritten by) each update.
+    ref_params = jax.tree.map(jnp.copy, policy.params)
+  step = RLStep(config, workdir, policy, reward, ref_params, eval_source)
+  os.makedirs(workdir, exist_ok=True)
+  loop_config = config.copy_and_resolve_references()
+  loop_config.num_steps = rl.num_steps
+  return loop.run(workdir=workdir, config=loop_config,
+                  state=train_state.initial_state(policy, step.optimizer, config.seed),
+                  data_iterator=iterator, step_fn=step, description="rl")

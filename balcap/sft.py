@@ -1,0 +1,129 @@
+"""Mode `sft`: the supervised warm start — next-token loss on the caption tokens only.
+
+    python -m balcap.main --config=configs/tiny.py:mode=sft
+
+Each example becomes one chat (system, user turn with the image and `config.sampling.prompt`,
+assistant turn with the target caption: CapWorld's flawed `sft_caption`, or the first reference)
+right-padded to `config.sft.max_length` tokens; the loss is the mean cross-entropy over every
+caption token of the GLOBAL batch (the end token included, so the model learns to stop). The
+step is one jitted function with params and optimizer state donated; the loop, checkpoints
+(workdir/sft), resume and metrics are `balcap.loop`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+from balcap import loop, optim, parallel, train_state
+from balcap.data import datasets, pipeline
+
+log = logging.getLogger(__name__)
+
+
+LENGTH_BUCKET = 64
+
+
+def caption_chats(policy, examples: dict[str, Any], prompt: str, target: str,
+                  max_length: int) -> tuple[dict[str, np.ndarray], int]:
+  """Host side: one prepared chat per example with its caption as the answer, right-padded (or
+  cut) to `max_length`; adds `loss_mask` [B, T] marking the caption tokens. Returns the inputs
+  and how many captions had to be cut."""
+  captions = [refs[0] for refs in examples["references"]] if target == "reference" else list(
+      examples[target])
+  images = [Image.fromarray(np.asarray(image)) for image in examples["image"]]
+  chats = policy.processor(prompts=[prompt] * len(captions), images=images,
+                           responses=captions, padding_side="right")
+  length = chats["input_ids"].shape[1]
+  cut = int((chats["attention_mask"].sum(axis=1) > max_length).sum())
+  # Padded to a multiple of LENGTH_BUCKET (at most max_length): a few compiled shapes, and
+  # a batch of short captions does not pay for the longest possible one.
+  target = min(max_length, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET)
+  for key in ("input_ids", "attention_mask", "response_mask"):
+    value = chats[key]
+    chats[key] = (np.pad(value, ((0, 0), (0, target - length))) if length < target
+                  else value[:, :target])
+  loss_mask = chats.pop("response_mask").astype(np.int32)
+  family, config = policy.family, policy.config
+  prepared = family.prepare_inputs(config, chats, **family.layout_buckets(config, chats))
+  prepared["loss_mask"] = loss_mask
+  return prepared, cut
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout")
+
+
+def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+  """(sum of -log p(token) over masked targets, number of masked targets); logits at position
+  t predict token t + 1."""
+  targets = input_ids[:, 1:]
+  mask = loss_mask[:, 1:] > 0
+  logprobs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+  return -jnp.sum(jnp.where(mask, picked, 0.0)), jnp.sum(mask)
+
+
+def make_step(module, optimizer: optax.GradientTransformation, mesh):
+  """The jitted SFT step: (state, inputs) -> (state, metrics), state donated."""
+
+  def step(state, inputs):
+    def loss_fn(params):
+      logits = module.apply({"params": params},
+                            **{k: inputs[k] for k in MODEL_INPUTS if k in inputs})
+      total, count = next_token_loss(logits, inputs["input_ids"], inputs["loss_mask"])
+      return total / jnp.maximum(count, 1), count
+
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optim.apply_updates(state["params"], updates)
+    metrics = {"sft/loss": loss, "sft/tokens": count.astype(jnp.float32),
+               "sft/grad_norm": optim.grad_norm(grads)}
+    return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
+
+  jitted = jax.jit(step, donate_argnums=0)
+
+  def on_mesh(state, inputs):
+    with parallel.mesh_context(mesh):
+      return jitted(state, inputs)
+  return on_mesh
+
+
+def run(config, workdir: str, policy=None) -> loop.LoopResult:
+  """SFT for config.sft.num_steps steps (resuming workdir's checkpoints); returns the loop's
+  result, whose state["params"] are the warm-started policy's."""
+  from balcap import models  # pylint: disable=import-outside-toplevel
+  mesh = parallel.make_mesh(config.mesh)
+  if policy is None:
+    policy = models.policy_from_config(config.model, jax.random.key(config.seed), mesh=mesh)
+  if policy.processor is None:
+    raise ValueError("SFT needs a tokenizer: set config.model.tokenizer")
+  sft = config.sft
+  optimizer = optim.make_optimizer(optim.from_config(sft.optimizer), total_steps=sft.num_steps)
+  builder = datasets.prepare(config.data)
+  source = datasets.open_split(builder, config.data.train_split)
+  iterator = pipeline.train_iterator(
+      source, batch_size=parallel.host_batch_size(sft.batch_size), seed=config.seed,
+      read_threads=config.data.read_threads, prefetch_batches=config.data.prefetch_batches)
+  update = make_step(policy.module, optimizer, mesh)
+
+  def step_fn(state, examples, step):
+    del step
+    inputs, cut = caption_chats(policy, examples, config.sampling.prompt, sft.target,
+                                sft.max_length)
+    state, metrics = update(state, parallel.global_inputs(inputs, mesh))
+    metrics["sft/cut_captions"] = cut
+    return state, metrics
+
+  loop_config = config.copy_and_resolve_references()
+  loop_config.num_steps = sft.num_steps
+  return loop.run(workdir=workdir, config=loop_config,
+                  state=train_state.initial_state(policy, optimizer, config.seed), data_iterator=iterator,
+                  step_fn=step_fn, description="sft")
