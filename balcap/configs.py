@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mode = "train"
   # Seeds parameter init, data order and sampling. Same seed + same mesh = same run.
   c.seed = 0
-  # Optimisation steps of the mode's loop (sft / train).
+  # Steps of the shared loop; each stage sets it from sft.num_steps / rl.num_steps.
   c.num_steps = 1000
   # GLOBAL number of examples (prompts) per step, over all hosts and devices. Must divide
   # over the data shards (mesh.data * mesh.fsdp) and over the hosts.
@@ -213,6 +213,38 @@ def _optimizer_section(**overrides) -> ml_collections.ConfigDict:
       moment_dtype="float32"))       # Adam moments, float32 even for bfloat16 params
   section.update(overrides)
   return section
+
+
+def paper_rl_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The RL settings of a real run (configs/qwen3b.py, qwen7b.py, llava7b.py), in one place.
+
+  From the method (METHOD.md) where it says, else recent GRPO practice (EasyR1/verl defaults
+  for 3-7B VLMs): an Instruct model goes straight to RL (no SFT), G = 8 rollouts per prompt,
+  128 prompts a step (~700 steps an epoch of 90K images), AdamW at 1e-6 with a short warmup,
+  DAPO's asymmetric clip (0.2 / 0.28), no KL term, token-mean loss, one inner update; captions
+  up to 512 new tokens (the paper's 3B captions average 175 words, ~230 tokens); the judge an
+  OpenAI-compatible server (vLLM/SGLang) whose base_url and model the run must set.
+  """
+  c.sft.num_steps = 0
+  c.rl.num_steps = 700
+  c.rl.batch_size = 128
+  c.rl.group_size = 8
+  c.rl.micro_batch_size = 64
+  c.rl.num_inner_updates = 1
+  c.rl.loss.eps_low, c.rl.loss.eps_high = 0.2, 0.28
+  c.rl.loss.kl_coef, c.rl.loss.kl_estimator = 0.0, "k3"
+  c.rl.loss.aggregation = "token-mean"
+  c.rl.optimizer.update(learning_rate=1e-6, warmup_steps=10, schedule="constant",
+                        weight_decay=0.01, max_grad_norm=1.0)
+  c.rl.sample_table_every = 10
+  c.rl.eval_every, c.rl.eval_examples = 50, 256
+  c.sampling.max_new_tokens = 512
+  c.sampling.temperature = 1.0
+  c.rewards.judge = "openai"
+  c.rewards.openai.api_key_env = "JUDGE_API_KEY"
+  c.rewards.deadline_s = 600.0
+  c.checkpoint.every_steps = 25
+  return c
 
 
 # Mesh shapes for common machines (config files' `hardware=` argument).

@@ -39,6 +39,17 @@ def _run_train(config, workdir):
   train.run(config, workdir)
 
 
+def _run_sft(config, workdir):
+  from balcap import sft, train  # pylint: disable=import-outside-toplevel
+  if config.sft.num_steps <= 0:
+    raise configs.BalcapError("mode sft runs config.sft.num_steps steps; it is 0")
+  result = sft.run(config, os.path.join(workdir, "sft"))
+  resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+  train.report(f"SFT: {result.step}/{config.sft.num_steps} steps on {config.sft.target} "
+               f"captions in {result.seconds:.0f}s{resumed}; checkpoints in "
+               f"{workdir}/sft/checkpoints")
+
+
 def _run_caption(config, workdir):
   from balcap import caption  # pylint: disable=import-outside-toplevel
   images = [p for p in (_IMAGES.value or "").split(",") if p]
@@ -51,11 +62,12 @@ def _run_data(config, workdir):
 
 
 # The modes this version of balcap can run; configs.MODES lists every mode of the design.
-MODE_RUNNERS = {"train": _run_train, "data": _run_data, "caption": _run_caption}
+MODE_RUNNERS = {"sft": _run_sft, "train": _run_train, "data": _run_data,
+                "caption": _run_caption}
 # What each missing mode needs, so the error says what to expect instead of failing obscurely.
 _MISSING_MODES = {
-    "sft": "the learner",
-    "eval": "the rewards and judges",
+    "eval": "a checkpoint reader for trained params (mode train already prints the "
+            "before/after evaluation)",
     # The HF writer exists (Policy.save_pretrained); what to export is the learner's state.
     "export": "trained parameters from the learner's checkpoints",
 }

@@ -204,26 +204,76 @@ def make_global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, j
 
 
 # Model-input fields and their batch axis; None = not aligned with the batch (an image patch
-# table and its index layout), which every device gets whole.
+# table and its index layout), which every device gets whole. With several hosts these are
+# already global when they get here: `share_over_hosts` gathered every host's images.
 BATCH_AXIS_OF = {"position_ids": 1, "pixel_values": None, "vision_layout": None,
                  "image_grid_thw": None}
 
 
 def global_inputs(inputs: Mapping[str, Any], mesh: Mesh | None) -> dict[str, Any]:
-  """Host-prepared model inputs as device arrays: batch-aligned fields split over the batch
-  axes (`BATCH_AXIS_OF`, default axis 0), the rest replicated. Single-process; without a mesh,
-  everything goes to the default device."""
+  """Host-prepared inputs as device arrays: batch-aligned fields (`BATCH_AXIS_OF`, default
+  axis 0) split over the batch axes, each host giving its own rows in process order; the rest
+  replicated (equal on every host). Without a mesh, everything goes to the default device."""
   if mesh is None:
     return jax.device_put(dict(inputs))
   out = {}
   for key, value in inputs.items():
     axis = BATCH_AXIS_OF.get(key, 0)
     if axis is None:
-      out[key] = jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
+      sharding = NamedSharding(mesh, PartitionSpec())
+      out[key] = jax.tree.map(lambda x, s=sharding: _global(x, s, None), value)
     else:
-      spec = (None,) * axis + (BATCH_AXES,)
-      out[key] = jax.device_put(value, NamedSharding(mesh, PartitionSpec(*spec)))
+      sharding = NamedSharding(mesh, PartitionSpec(*((None,) * axis + (BATCH_AXES,))))
+      out[key] = jax.tree.map(lambda x, s=sharding, a=axis: _global(x, s, a), value)
   return out
+
+
+def _global(value: Any, sharding: NamedSharding, axis: int | None) -> jax.Array:
+  if jax.process_count() == 1:
+    return jax.device_put(value, sharding)
+  value = np.asarray(value)
+  shape = list(value.shape)
+  if axis is not None:
+    shape[axis] *= jax.process_count()
+  return jax.make_array_from_process_local_data(sharding, value, tuple(shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host <-> host: what every host must agree on, and each host's share of a global result
+
+
+def host_max(value: int) -> int:
+  """The largest `value` over all hosts (one host: itself): padded lengths must agree."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def host_concat(array: np.ndarray) -> tuple[np.ndarray, int]:
+  """Every host's `array` concatenated along axis 0 in process order (sizes may differ), and
+  the row where this host's part starts. One host: (array, 0)."""
+  array = np.asarray(array)
+  if jax.process_count() == 1:
+    return array, 0
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  rows = np.asarray(multihost_utils.process_allgather(np.asarray(array.shape[0], np.int64)))
+  padded = np.zeros((int(rows.max()),) + array.shape[1:], array.dtype)
+  padded[:array.shape[0]] = array
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  whole = np.concatenate([gathered[p, :rows[p]] for p in range(len(rows))])
+  return whole, int(rows[:jax.process_index()].sum())
+
+
+def host_local(array: jax.Array, axis: int = 0) -> np.ndarray:
+  """This host's rows (along `axis`) of a global array split over the batch axes, as numpy:
+  what `global_inputs` was given, for results the host goes on with (tokens, logprobs)."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(array))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  whole = np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  rows = whole.shape[axis] // jax.process_count()
+  return np.take(whole, np.arange(rows) + rows * jax.process_index(), axis=axis)
 
 
 @contextlib.contextmanager

@@ -238,7 +238,8 @@ def left_pad(batch: dict[str, Any], multiple: int) -> dict[str, Any]:
   mask = np.asarray(batch["attention_mask"])
   rows, length = mask.shape
   real = mask.sum(axis=1)
-  target = max(multiple, -(-length // multiple) * multiple)
+  # Every host must pad to the same length: its rows join the others' in one global array.
+  target = parallel.host_max(max(multiple, -(-length // multiple) * multiple))
   out = dict(batch)
   for key in ("input_ids", "attention_mask", "position_ids"):
     if key not in batch:
@@ -255,10 +256,9 @@ def left_pad(batch: dict[str, Any], multiple: int) -> dict[str, Any]:
 def prepare_prompts(policy, batch: dict[str, Any], prompt_bucket: int = PROMPT_BUCKET
                     ) -> dict[str, Any]:
   """A processor batch as the sampler feeds it: positions and the vision layout added,
-  image layouts bucketed, prompts left-padded to a multiple of `prompt_bucket`."""
-  family, config = policy.family, policy.config
-  buckets = family.layout_buckets(config, batch)
-  return left_pad(family.prepare_inputs(config, batch, **buckets), prompt_bucket)
+  image layouts bucketed, images shared by all hosts, prompts left-padded to a multiple of
+  `prompt_bucket`."""
+  return left_pad(policy.family.prepare_batch(policy.config, batch), prompt_bucket)
 
 
 def sampling_params(policy, *, max_new_tokens: int, num_samples: int = 1,
@@ -268,14 +268,20 @@ def sampling_params(policy, *, max_new_tokens: int, num_samples: int = 1,
                     pad_token_id: int | None = None,
                     cache_dtype: str | None = None) -> SamplingParams:
   """SamplingParams with the policy's defaults: end ids from its config and processor,
-  forbidden ids = its image/video/vision special tokens, the cache in its compute dtype."""
+  forbidden ids = its image/video/vision special tokens and the embedding rows past the
+  tokenizer's vocabulary, the cache in its compute dtype."""
   family, config = policy.family, policy.config
   if eos_token_ids is None:
     eos_token_ids = tuple(config.eos_token_ids)
     if policy.processor is not None:
       eos_token_ids = tuple(sorted(set(eos_token_ids) | set(policy.processor.token_ids.eos_ids)))
   if forbidden_token_ids is None:
-    forbidden_token_ids = family.special_token_ids(config)
+    forbidden_token_ids = tuple(family.special_token_ids(config))
+    if policy.processor is not None:
+      # Rows of an embedding padded past the tokenizer (Qwen: 151936 rows, 151665 tokens; the
+      # tiny demo: 896 for 865, so the vocab shards) are no token at all: never sample them.
+      known = policy.processor.tokenizer.get_vocab_size(with_added_tokens=True)
+      forbidden_token_ids += tuple(range(known, policy.config.text.vocab_size))
   if pad_token_id is None:
     pad_token_id = policy.processor.token_ids.pad_id if policy.processor is not None else 0
   return SamplingParams(max_new_tokens, num_samples, float(temperature), float(top_p),
@@ -283,7 +289,8 @@ def sampling_params(policy, *, max_new_tokens: int, num_samples: int = 1,
                         int(pad_token_id), cache_dtype or family.compute_dtype(config))
 
 
-SAMPLER_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout")
+SAMPLER_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout",
+                  "image_row_offsets")
 
 
 def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,

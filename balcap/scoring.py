@@ -42,11 +42,9 @@ def continuation_batch(policy, batch: dict[str, Any], tokens: np.ndarray, length
                                                     steps),
   }
   if prepared.get("pixel_values") is not None:
-    is_image = prepared["input_ids"] == config.image_token_id
-    counts = is_image.sum(axis=1)
-    first_feature = np.cumsum(counts) - counts  # each prompt's first image feature
+    # The G rows of a prompt all point at that prompt's image features, encoded once.
     inputs.update(pixel_values=prepared["pixel_values"], vision_layout=prepared["vision_layout"],
-                  image_row_offsets=np.repeat(first_feature, num_samples).astype(np.int32))
+                  image_row_offsets=np.repeat(prepared["image_row_offsets"], num_samples))
   return inputs, prepared["input_ids"].shape[1]
 
 

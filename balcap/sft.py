@@ -45,19 +45,20 @@ def caption_chats(policy, examples: dict[str, Any], prompt: str, target: str,
   cut = int((chats["attention_mask"].sum(axis=1) > max_length).sum())
   # Padded to a multiple of LENGTH_BUCKET (at most max_length): a few compiled shapes, and
   # a batch of short captions does not pay for the longest possible one.
-  target = min(max_length, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET)
+  # Every host pads to the same length: its rows join the others' in one global array.
+  target = parallel.host_max(min(max_length, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET))
   for key in ("input_ids", "attention_mask", "response_mask"):
     value = chats[key]
     chats[key] = (np.pad(value, ((0, 0), (0, target - length))) if length < target
                   else value[:, :target])
   loss_mask = chats.pop("response_mask").astype(np.int32)
-  family, config = policy.family, policy.config
-  prepared = family.prepare_inputs(config, chats, **family.layout_buckets(config, chats))
+  prepared = policy.family.prepare_batch(policy.config, chats)
   prepared["loss_mask"] = loss_mask
   return prepared, cut
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout",
+                "image_row_offsets")
 
 
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array

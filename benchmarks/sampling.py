@@ -22,61 +22,22 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks"), os.path.join(REPO, "tests")]
 
 import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
 import transformers  # pylint: disable=wrong-import-position
 
 import qwen_fixtures  # pylint: disable=wrong-import-position
+from benchlib import machine_peaks, measured  # pylint: disable=wrong-import-position
 import qwen_forward  # pylint: disable=wrong-import-position
 from balcap import models, sampling  # pylint: disable=wrong-import-position
 
 IMAGE, VIDEO, START, END = 31995, 31996, 31997, 31998
-
-
-def resident_bytes(field: str = "VmRSS:") -> int:
-  with open("/proc/self/status", encoding="ascii") as f:
-    for line in f:
-      if line.startswith(field):
-        return int(line.split()[1]) * 1024
-  return 0
-
-
-def measured(run, repeats: int = 3) -> tuple[float, int]:
-  """(best seconds of `repeats` calls, peak resident bytes above the level before them).
-
-  The best, not the mean: this is a shared machine, and other tenants only ever add time.
-  """
-  run()  # compile / warm up
-  before = resident_bytes()
-  with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-    f.write("5")  # reset the peak
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    best = min(best, time.perf_counter() - start)
-  return best, resident_bytes("VmHWM:") - before
-
-
-def machine_peaks() -> tuple[float, float]:
-  """fp32 matmul FLOP/s (2048^3) and streaming matrix-vector bytes/s (256 MB matrix)."""
-  a = jnp.ones((2048, 2048), jnp.float32)
-  matmul = jax.jit(lambda a: a @ a)
-  seconds, _ = measured(lambda: matmul(a).block_until_ready(), 10)
-  flops = 2 * 2048 ** 3 / seconds
-  w = jnp.ones((8192, 8192), jnp.float32)
-  x = jnp.ones((8192,), jnp.float32)
-  matvec = jax.jit(lambda w, x: w @ x)
-  seconds, _ = measured(lambda: matvec(w, x).block_until_ready(), 10)
-  return flops, w.nbytes / seconds
 
 
 def prompts(batch: int, image_side: int) -> dict[str, np.ndarray]:

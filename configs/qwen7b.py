@@ -6,7 +6,10 @@
 `hardware`: `tpu` (a TPU v5e / v4 pod slice: every chip one FSDP shard) or `gpu8` (one host
 with 8 GPUs: FSDP over 8, tensor parallel for decoding speed off) or `cpu` (smoke tests).
 The architecture below is checked against the checkpoint's config.json when both are given.
-RL settings arrive with the learner.
+RL settings: `configs.paper_rl_settings` (G 8, 128 prompts, lr 1e-6, clip 0.2/0.28, no KL,
+512 new tokens, an OpenAI-compatible judge): set `--config.rewards.openai.base_url=` and
+`--config.rewards.openai.model=`, and your data (`--config.data.name=caption_folder
+--config.data.caption_folder.manifest=...`).
 """
 
 from balcap import configs
@@ -35,4 +38,4 @@ def get_config(arg=None):
       "vision_end_token_id": 151653, "eos_token_ids": (151645,),
   }
   c.mesh = configs.mesh_preset(arg.hardware)
-  return c
+  return configs.paper_rl_settings(c)

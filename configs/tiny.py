@@ -30,14 +30,16 @@ def get_config(arg=None):
 
   # The policy: Qwen2.5-VL's architecture at a size a 2-core CPU trains in minutes, over
   # CapWorld's own 865-token vocabulary (the real one would make the output layer most of the
-  # model); its special tokens are Qwen's strings at ids 0-6.
+  # model); its special tokens are Qwen's strings at ids 0-6. The embedding has 896 rows, a
+  # multiple of 128 like Qwen's own padded 151936, so it shards over any tensor axis; the
+  # sampler never draws the 31 rows past the tokenizer.
   c.model.checkpoint = ""
   c.model.tokenizer = os.path.join(os.path.dirname(capworld.__file__), "tokenizer")
   c.model.dtype = c.model.param_dtype = "float32"  # CPU: fp32 matmuls are the fast ones
   c.model.scan_layers = False  # CPU: unrolled layers decode faster
   c.model.architecture = {
       "family": "qwen2_5_vl",
-      "text": dict(vocab_size=865, hidden_size=128, intermediate_size=384, num_layers=4,
+      "text": dict(vocab_size=896, hidden_size=128, intermediate_size=384, num_layers=4,
                    num_heads=4, num_kv_heads=2, mrope_section=(4, 6, 6),
                    tie_word_embeddings=True),
       "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,

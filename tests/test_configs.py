@@ -84,17 +84,22 @@ def test_every_problem_is_reported_in_one_error():
   config.data.name = "caption_folder"
   config.checkpoint.keep = 0
   problems = problems_of(config)
-  assert len(problems) == 5, problems
+  assert len(problems) == 6, problems
   text = "\n".join(problems)
   for field in ("config.mode='fly'", "config.batch_size=7", "image_sizes",
-                "caption_folder.manifest is empty", "config.checkpoint.keep=0"):
+                "caption_folder.manifest is empty", "config.checkpoint.keep=0",
+                "config.sft.target='sft_caption' exists only in CapWorld"):
     assert field in text
 
 
 def test_model_configs_validate_on_their_hardware():
   assert load_config_file("qwen7b", "hardware=tpu").mesh.fsdp == -1
   for name in ("qwen3b", "qwen7b"):
-    configs.validate(load_config_file(name, "hardware=gpu8"), num_devices=8)
+    config = load_config_file(name, "hardware=gpu8")
+    with pytest.raises(configs.ConfigError, match="needs config.rewards.openai.base_url"):
+      configs.validate(config, num_devices=8)  # a real run must name its judge
+    config.rewards.openai.base_url, config.rewards.openai.model = "http://judge:8000", "judge"
+    configs.validate(config, num_devices=8)
   with pytest.raises(configs.ConfigError, match="hardware='pod' is not one of"):
     load_config_file("qwen7b", "hardware=pod")
 

@@ -8,17 +8,16 @@ import sys
 
 import jax.numpy as jnp
 
-from balcap import train
-from loop_program import digest, run
+from loop_program import digest, fold_digest, id_hashes, run
 from testlib import REPO
 
 
 def test_fold_digest_is_order_sensitive_and_free_to_split():
-  hashes = jnp.array(train.id_hashes([f"id{i}" for i in range(10)]))
-  whole = train.fold_digest(jnp.uint32(0), hashes)
-  split = train.fold_digest(train.fold_digest(jnp.uint32(0), hashes[:4]), hashes[4:])
+  hashes = jnp.array(id_hashes([f"id{i}" for i in range(10)]))
+  whole = fold_digest(jnp.uint32(0), hashes)
+  split = fold_digest(fold_digest(jnp.uint32(0), hashes[:4]), hashes[4:])
   assert int(whole) == int(split)
-  assert int(whole) != int(train.fold_digest(jnp.uint32(0), hashes[::-1]))
+  assert int(whole) != int(fold_digest(jnp.uint32(0), hashes[::-1]))
 
 
 def test_a_stopped_run_resumes_to_the_same_state(tmp_path):

@@ -9,41 +9,57 @@ from balcap import metrics
 from testlib import REPO
 
 # Small enough for the test suite; the README's command runs configs/tiny.py as it is.
-_SMALL = ["--config.num_steps=6", "--config.batch_size=8", "--config.checkpoint.every_steps=4",
-          "--config.data.capworld.num_train=40", "--config.data.capworld.num_validation=4",
-          "--config.data.capworld.num_test=4"]
+_DATA = ["--config.data.capworld.num_train=40", "--config.data.capworld.num_validation=4",
+         "--config.data.capworld.num_test=4"]
+_SMALL = [*_DATA, "--config.sft.num_steps=3", "--config.sft.batch_size=4",
+          "--config.rl.num_steps=2", "--config.rl.batch_size=2", "--config.rl.group_size=4",
+          "--config.rl.sample_table_every=2", "--config.sampling.max_new_tokens=8",
+          "--config.rl.final_eval_examples=4", "--config.batch_size=4",
+          "--config.checkpoint.every_steps=2", "--config.metrics.log_every_steps=1"]
 
 
 def balcap_main(*args, tmp_path, cwd=REPO):
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
   return subprocess.run([sys.executable, "-m", "balcap.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=600)
 
 
-def test_demo_command_runs_the_stages_that_exist_and_resumes(tmp_path):
+def test_demo_command_runs_every_stage_and_a_second_run_redoes_nothing(tmp_path):
   workdir = tmp_path / "runs" / "tiny"  # the default: runs/<config name> under the cwd
   done = balcap_main(f"--config={REPO}/configs/tiny.py", *_SMALL, tmp_path=tmp_path,
                      cwd=tmp_path)
   assert done.returncode == 0, done.stderr
   out = done.stdout
-  assert "[1/4] data: capworld/n40-4-4_112x112" in out and "'train': 40" in out
-  assert "[2/4] SFT warm start: not in this version" in out
-  assert "6/6 steps, 48 examples read" in out
-  assert json.loads((workdir / "config.json").read_text())["num_steps"] == 6
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]
-  logged = metrics.read_jsonl(str(workdir / "metrics.jsonl"))
-  assert [r["step"] for r in logged] == [5, 6]  # every 5 steps (tiny.py) and the last
-  assert all(r["data/reference_words_mean"] > 5 for r in logged)
-  # The same command again finds the finished run and does not redo it.
+  assert "[1/5] data: capworld/n40-4-4_112x112" in out and "'train': 40" in out
+  assert "[2/5] SFT: 3/3 steps on sft_caption captions" in out
+  assert "[3/5] evaluation before RL on 4 test examples" in out
+  assert "[4/5] RL (c_gdpo, judge capworld): 2/2 steps" in out
+  for row in ("precision", "recall", "linguistic", "b_capscore", "length_ratio"):
+    assert row in out.split("[5/5]")[1]
+  summary = json.loads((workdir / "eval.json").read_text())
+  assert summary["before"]["examples"] == summary["after"]["examples"] == 4
+  assert len(summary["examples"]["after"]) == 2
+  assert sorted(os.listdir(workdir / "sft" / "checkpoints")) == ["2", "3"]
+  assert sorted(os.listdir(workdir / "rl" / "checkpoints")) == ["2"]
+  sft_log = metrics.read_jsonl(str(workdir / "sft" / "metrics.jsonl"))
+  assert [r["step"] for r in sft_log] == [1, 2, 3] and all(r["sft/loss"] > 0 for r in sft_log)
+  rl_log = metrics.read_jsonl(str(workdir / "rl" / "metrics.jsonl"))
+  assert [r["step"] for r in rl_log] == [1, 2]
+  for key in ("reward/precision/mean", "update/policy/clip_fraction", "update/grad_norm",
+              "mismatch/sampler_vs_trainer_logprob_max", "time/sample", "learning_rate"):
+    assert key in rl_log[-1], sorted(rl_log[-1])
+  assert len(metrics.read_jsonl(str(workdir / "rl" / "samples.jsonl"))) == 8
+  # The same command again restores each finished stage instead of redoing it.
   again = balcap_main(f"--config={REPO}/configs/tiny.py", *_SMALL, tmp_path=tmp_path,
                       cwd=tmp_path)
-  assert again.returncode == 0 and "resumed from step 6" in again.stdout
-  assert out.split("id digest ")[1][:8] == again.stdout.split("id digest ")[1][:8]
+  assert again.returncode == 0, again.stderr
+  assert "(resumed from step 3)" in again.stdout and "(resumed from step 2)" in again.stdout
+  assert json.loads((workdir / "eval.json").read_text())["after"] == summary["after"]
 
 
 def test_mode_argument_selects_the_mode(tmp_path):
   done = balcap_main("--config=configs/tiny.py:mode=data", f"--workdir={tmp_path / 'run'}",
-                     *_SMALL, tmp_path=tmp_path)
+                     *_DATA, tmp_path=tmp_path)
   assert done.returncode == 0, done.stderr
   assert "validation: 4 examples" in done.stdout and "test: 4 examples" in done.stdout
 
@@ -51,8 +67,8 @@ def test_mode_argument_selects_the_mode(tmp_path):
 def test_a_mode_this_version_lacks_says_what_it_needs(tmp_path):
   done = balcap_main("--config=configs/tiny.py:mode=eval", tmp_path=tmp_path)
   assert done.returncode == 1
-  assert "config.mode='eval' needs the rewards and judges" in done.stderr
-  assert "modes available: ['caption', 'data', 'train']" in done.stderr
+  assert "config.mode='eval' needs a checkpoint reader" in done.stderr
+  assert "modes available: ['caption', 'data', 'sft', 'train']" in done.stderr
 
 
 def test_config_errors_name_the_field_and_the_fix_before_any_work(tmp_path):

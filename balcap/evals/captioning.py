@@ -74,10 +74,10 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
 
 
 def decode(policy, rollouts: sampling.Rollouts) -> list[str]:
-  """Caption text of each rollout: its tokens up to (without) the end token."""
-  tokens = np.asarray(jax.device_get(rollouts.tokens))
-  lengths = np.asarray(jax.device_get(rollouts.lengths))
-  finished = np.asarray(jax.device_get(rollouts.finished))
+  """Caption text of each of this host's rollouts: its tokens up to (without) the end token."""
+  tokens = parallel.host_local(rollouts.tokens)
+  lengths = parallel.host_local(rollouts.lengths)
+  finished = parallel.host_local(rollouts.finished)
   return [policy.processor.decode(row[:length - 1] if ended else row[:length]).strip()
           for row, length, ended in zip(tokens, lengths, finished)]
 

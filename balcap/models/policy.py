@@ -50,6 +50,8 @@ class Family:
   compute_dtype: Callable[[Any], str]
   decode_start: Callable[[Any, dict], np.ndarray]       # (config, prepared) -> [B]
   layout_buckets: Callable[[Any, dict], dict]           # (config, processor batch) -> sizes
+  # (config, processor batch) -> model inputs, layouts bucketed and images shared by all hosts
+  prepare_batch: Callable[[Any, dict], dict]
   # (config, prepared prompts, start [B], G, n) -> positions of prompts + n new tokens, x G
   continuation_positions: Callable[..., np.ndarray]
 

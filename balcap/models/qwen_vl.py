@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from balcap import parallel
 from balcap.models import policy, qwen_vision
 from balcap.models.hf_io import Rule
 from balcap.models.qwen2_lm import QwenLM, QwenLMConfig, lm_rules
@@ -178,11 +179,12 @@ class QwenVL(nn.Module):
   def prefill(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
               pixel_values: jax.Array | None = None,
               vision_layout: dict[str, jax.Array] | None = None,
+              image_row_offsets: jax.Array | None = None,
               last_index: jax.Array | None = None):
     """The prompt once: logits [B, V] after its last token and every layer's (k, v)."""
     if last_index is None:
       last_index = jnp.full((input_ids.shape[0],), input_ids.shape[1] - 1)
-    embeddings = self._embed(input_ids, pixel_values, vision_layout, None)
+    embeddings = self._embed(input_ids, pixel_values, vision_layout, image_row_offsets)
     return self.lm.prefill(embeddings, position_ids, attention_mask, last_index)
 
   def decode(self, token_ids: jax.Array, positions: jax.Array, cache, mask):
@@ -245,12 +247,15 @@ def rope_index(input_ids: np.ndarray, attention_mask: np.ndarray,
   return positions, deltas
 
 
-def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], **layout_sizes
-                   ) -> dict[str, Any]:
-  """A processor batch plus `position_ids`, `rope_deltas` and (with images) `vision_layout`.
+def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], *, across_hosts: bool = False,
+                   **layout_sizes) -> dict[str, Any]:
+  """A processor batch plus `position_ids`, `rope_deltas` and, with images, `vision_layout`
+  and `image_row_offsets` (each row's first image feature).
 
   `layout_sizes` pads the vision layout to static sizes (see `qwen_vision.vision_layout`), so
-  one compiled program serves every image grid that fits.
+  one compiled program serves every image grid that fits. `across_hosts`: every host's patch
+  table is gathered (each device encodes the global batch's images; rows are split over
+  hosts, the images are not), and this host's rows point past the earlier hosts' features.
   """
   input_ids = np.asarray(batch["input_ids"])
   attention_mask = np.asarray(batch["attention_mask"])
@@ -260,20 +265,37 @@ def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], **layout_sizes
   prepared = dict(batch, position_ids=positions, rope_deltas=deltas)
   if batch.get("pixel_values") is not None:
     grid = np.asarray(grid)
-    image_tokens = int(((input_ids == config.image_token_id) & (attention_mask > 0)).sum())
+    is_image = (input_ids == config.image_token_id) & (attention_mask > 0)
+    image_tokens = int(is_image.sum())
     features = int(grid.prod(axis=1).sum()) // config.vision.spatial_merge_size ** 2
     if image_tokens != features:
       raise ValueError(f"the batch has {image_tokens} image tokens but its images make "
                        f"{features} features (image_grid_thw {grid.tolist()})")
+    pixels, first_feature = np.asarray(batch["pixel_values"]), 0
+    if across_hosts:
+      pixels, first_patch = parallel.host_concat(pixels)
+      grid, _ = parallel.host_concat(grid)
+      first_feature = first_patch // config.vision.spatial_merge_size ** 2
+    counts = is_image.sum(axis=1)
+    prepared["image_row_offsets"] = (first_feature + np.cumsum(counts) - counts).astype(np.int32)
     layout = qwen_vision.vision_layout(grid, config.vision, **layout_sizes)
     prepared["vision_layout"] = layout
-    pixels = np.asarray(batch["pixel_values"])
     padded = layout_sizes.get("num_patches") or pixels.shape[0]
     if padded > pixels.shape[0]:
       pixels = np.concatenate([pixels, np.zeros((padded - pixels.shape[0], pixels.shape[1]),
                                                 pixels.dtype)])
     prepared["pixel_values"] = pixels
   return prepared
+
+
+def prepare_batch(config: QwenVLConfig, batch: dict[str, Any]) -> dict[str, Any]:
+  """`prepare_inputs` as training and sampling call it: layout sizes bucketed over the GLOBAL
+  batch's images (every host compiles the same program) and images shared across hosts."""
+  grid = batch.get("image_grid_thw")
+  sizes = {}
+  if grid is not None and batch.get("pixel_values") is not None:
+    sizes = layout_buckets(config, {"image_grid_thw": parallel.host_concat(np.asarray(grid))[0]})
+  return prepare_inputs(config, batch, across_hosts=jax.process_count() > 1, **sizes)
 
 
 def model_rules(config: QwenVLConfig) -> tuple[Rule, ...]:
@@ -358,5 +380,5 @@ FAMILY = policy.register(policy.Family(
     prepare_inputs=prepare_inputs, example_batch=example_batch, hf_shapes=hf_shapes,
     processor_from_pretrained=_processor_from_pretrained,
     special_token_ids=special_token_ids, compute_dtype=lambda config: config.text.dtype,
-    decode_start=decode_start, layout_buckets=layout_buckets,
+    decode_start=decode_start, layout_buckets=layout_buckets, prepare_batch=prepare_batch,
     continuation_positions=continuation_positions))

@@ -89,8 +89,8 @@ class RLStep:
     samples = functions.make_samples(rows, captions, self.group)
     pending = self.reward.submit(samples)
 
-    tokens = np.asarray(jax.device_get(rollouts.tokens))
-    lengths = np.asarray(jax.device_get(rollouts.lengths))
+    tokens = parallel.host_local(rollouts.tokens)
+    lengths = parallel.host_local(rollouts.lengths)
     inputs, prompt_length = scoring.continuation_batch(policy, chats, tokens, lengths,
                                                        self.group,
                                                        config.sampling.prompt_bucket)
@@ -109,17 +109,19 @@ class RLStep:
 
     mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
     shape = (len(images), self.group)
-    components = {name: rewards.components[name].reshape(shape)
-                  for name in self.advantage_config.components}
-    ratio = rewards.components["length_ratio"].reshape(shape)
-    advantages, advantage_stats = self._advantages(components, ratio)
+    # On the devices, as global arrays: the batch normalisation of c-GDPO is over every
+    # host's rollouts, not this host's.
+    shaped = parallel.global_inputs(
+        {name: rewards.components[name].reshape(shape).astype(np.float32)
+         for name in (*self.advantage_config.components, "length_ratio")}, mesh)
+    ratio = shaped.pop("length_ratio")
+    advantages, advantage_stats = self._advantages(shaped, ratio)
 
     update_started = time.perf_counter()
     batch = {"inputs": inputs, "tokens": tokens_device,
              **parallel.global_inputs({"mask": mask}, mesh),
              "old_logprobs": old_logprobs,
-             "advantages": parallel.global_inputs(
-                 {"a": np.asarray(advantages).reshape(-1)}, mesh)["a"]}
+             "advantages": advantages.reshape(-1)}
     if ref_logprobs is not None:
       batch["ref_logprobs"] = ref_logprobs
     state, update_metrics = self._update_fn(prompt_length)(state, batch)
@@ -136,21 +138,22 @@ class RLStep:
     metrics["learning_rate"] = float(optim.learning_rate_schedule(
         optim.from_config(config.rl.optimizer), config.rl.num_steps)(step - 1))
     if config.rl.sample_table_every and step % config.rl.sample_table_every == 0:
-      metrics["_texts"] = self._sample_table(step, samples, rewards, np.asarray(advantages))
+      metrics["_texts"] = self._sample_table(step, samples, rewards,
+                                             parallel.host_local(advantages))
     if config.rl.eval_every and step % config.rl.eval_every == 0 and self.eval_source:
       eval_metrics, _ = self.evaluate(state["params"], config.rl.eval_examples)
       metrics.update({f"eval/{k}": v for k, v in eval_metrics.items()})
     return state, metrics
 
   def _rollout_metrics(self, tokens, lengths, rollouts, old_logprobs, mask, samples, rewards):
-    sampler = np.asarray(jax.device_get(rollouts.logprobs))
-    trainer = np.asarray(jax.device_get(old_logprobs))
+    sampler = parallel.host_local(rollouts.logprobs)
+    trainer = parallel.host_local(old_logprobs)
     real = mask > 0
     gap = np.abs(sampler - trainer)[real]
     words = np.array([len(s.caption.split()) for s in samples], np.float32)
     reference_words = np.array([np.mean([len(r.split()) for r in s.references])
                                 for s in samples], np.float32)
-    finished = np.asarray(jax.device_get(rollouts.finished))
+    finished = parallel.host_local(rollouts.finished)
     return {"rollout/tokens_mean": float(lengths.mean()),
             "rollout/words_mean": float(words.mean()),
             "rollout/reference_words_mean": float(reference_words.mean()),

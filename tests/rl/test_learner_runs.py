@@ -1,0 +1,84 @@
+"""Whole RL runs of the learner in subprocesses: SIGKILL and resume, and 2 hosts vs 1.
+
+Each run is `tests/learner_program.py` (random tiny policy, CapWorld judge, 2 prompts x G=4,
+checkpoints every 2 steps) and prints a digest of its final params' bytes: equal digests mean
+bitwise-equal params.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from balcap import metrics
+from balcap.data import datasets
+from testlib import REPO, tiny_data_config
+
+PROGRAM = str(REPO / "tests" / "learner_program.py")
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tfds")
+  datasets.prepare(tiny_data_config(root))
+  return str(root)
+
+
+def _env(devices: int, **extra):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              PYTHONPATH=f"{REPO}:{REPO / 'tests'}", **extra)
+
+
+def _start(workdir, tfds_dir, steps, *, devices=2, distributed=False, **env):
+  args = [sys.executable, PROGRAM, str(workdir), tfds_dir, str(steps)]
+  if distributed:
+    args.append("distributed")
+  return subprocess.Popen(args, env=_env(devices, **env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process):
+  output = process.communicate(timeout=400)[0]
+  assert process.returncode == 0, output
+  result = [line.split()[1:] for line in output.splitlines() if line.startswith("RESULT")][0]
+  digest = [line.split()[1] for line in output.splitlines() if line.startswith("PARAMS")][0]
+  return result, digest
+
+
+def _logged_steps(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  return [r["step"] for r in metrics.read_jsonl(path)] if os.path.exists(path) else []
+
+
+def test_a_run_killed_mid_step_resumes_to_bitwise_equal_params(tmp_path, tfds_dir):
+  whole = _finish(_start(tmp_path / "whole", tfds_dir, 4))
+  assert whole[0] == ["None", "4"]
+
+  killed = _start(tmp_path / "killed", tfds_dir, 4)
+  deadline = time.time() + 300
+  while 3 not in _logged_steps(tmp_path / "killed"):  # step 3 done, step 4 under way
+    assert killed.poll() is None and time.time() < deadline, killed.communicate()[0]
+    time.sleep(0.05)
+  killed.send_signal(signal.SIGKILL)
+  killed.communicate(timeout=60)
+  resumed = _finish(_start(tmp_path / "killed", tfds_dir, 4))
+  assert resumed[0] == ["2", "4"]  # the last complete checkpoint, then on to the end
+  assert resumed[1] == whole[1]
+
+
+def test_one_step_on_two_hosts_equals_one_host(tmp_path, tfds_dir):
+  one_host = _finish(_start(tmp_path / "one", tfds_dir, "one_step", devices=2))
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  hosts = [_start(tmp_path / "two", tfds_dir, "one_step", devices=1, distributed=True,
+                  JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                  JAX_PROCESS_ID=str(i)) for i in range(2)]
+  results = [_finish(host) for host in hosts]
+  assert results[0] == results[1]  # one replicated state
+  assert results[0][0][1] == "1" and float(results[0][0][0]) > 0  # a step with signal
+  assert results[0] == one_host  # same advantages (global statistics), same params
