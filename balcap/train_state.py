@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -21,6 +22,14 @@ def initial_state(policy, optimizer: optax.GradientTransformation, seed: int) ->
                            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key(seed)},
                           device)
   replicated = NamedSharding(policy.mesh, PartitionSpec())
+  # Built by jit with an output sharding, not device_put: with several hosts the mesh has
+  # devices this process cannot address. Moments follow their params' shardings; leaves that
+  # depend on no param (Adam's step count) would land on one device, and a restored
+  # checkpoint must find every leaf on the mesh.
+  on_mesh = lambda make: jax.jit(make, out_shardings=replicated)()
+  opt_state = jax.tree.map(
+      lambda x: x if isinstance(x.sharding, NamedSharding) else on_mesh(
+          lambda v=np.asarray(x): jnp.asarray(v)), opt_state)
   return {"params": policy.params, "opt_state": opt_state,
-          "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-          "rng": jax.device_put(jax.random.key(seed), replicated)}
+          "step": on_mesh(lambda: jnp.zeros((), jnp.int32)),
+          "rng": on_mesh(lambda: jax.random.key(seed))}

@@ -21,11 +21,16 @@ def get_config(arg=None):
   c.mode = arg.mode
   c.seed = 0
 
-  # CapWorld small enough to generate in seconds; 112 px images are 16 vision tokens.
-  c.data.capworld.num_train = 2_000
+  # CapWorld small enough to generate in seconds. 224 px images (64 vision tokens) and at most
+  # two objects: the smallest object then fills a whole merged vision token. At 112 px (16
+  # tokens) it fills a quarter of one, and a policy trained from scratch in minutes never
+  # starts reading the image (its loss with the images shuffled stays equal to the loss with
+  # them); at 224 px it starts after ~300 SFT steps.
+  c.data.capworld.num_train = 4_000
   c.data.capworld.num_validation = 100
   c.data.capworld.num_test = 100
-  c.data.capworld.image_sizes = ((112, 112),)
+  c.data.capworld.image_sizes = ((224, 224),)
+  c.data.capworld.max_objects = 2
   c.data.read_threads = 2  # this is a 2-core machine
 
   # The policy: Qwen2.5-VL's architecture at a size a 2-core CPU trains in minutes, over
@@ -47,23 +52,23 @@ def get_config(arg=None):
       "image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3,
       "vision_end_token_id": 4, "eos_token_ids": (2,),
   }
-  c.model.max_pixels = 112 * 112
+  c.model.max_pixels = 224 * 224
 
-  c.sampling.max_new_tokens = 128  # references are 64 tokens on average, 133 at most
+  c.sampling.max_new_tokens = 128
   c.sampling.prompt_bucket = 64
 
-  c.sft.num_steps = 300
-  c.sft.batch_size = 32
+  c.sft.num_steps = 500
+  c.sft.batch_size = 16
   c.sft.max_length = 256
   c.sft.optimizer.learning_rate = 2e-3
   c.sft.optimizer.warmup_steps = 30
   c.sft.optimizer.schedule = "cosine"
   c.sft.optimizer.min_learning_rate_ratio = 0.1
 
-  c.rl.num_steps = 120
+  c.rl.num_steps = 80
   c.rl.batch_size = 8
   c.rl.group_size = 8
-  c.rl.optimizer.learning_rate = 2e-4
+  c.rl.optimizer.learning_rate = 3e-4
   c.rl.optimizer.warmup_steps = 5
   c.rl.sample_table_every = 20
   c.rl.final_eval_examples = 100

@@ -35,6 +35,7 @@ def config_for(tfds_dir: str, num_steps: int):
   config.checkpoint.every_steps = 2
   config.checkpoint.keep = 5
   config.metrics.tensorboard = config.metrics.progress_bar = False
+  config.metrics.log_every_steps = 1  # the kill test watches metrics.jsonl for its step
   return config
 
 

@@ -30,7 +30,7 @@ def test_demo_command_runs_every_stage_and_a_second_run_redoes_nothing(tmp_path)
                      cwd=tmp_path)
   assert done.returncode == 0, done.stderr
   out = done.stdout
-  assert "[1/5] data: capworld/n40-4-4_112x112" in out and "'train': 40" in out
+  assert "[1/5] data: capworld/n40-4-4_224x224" in out and "'train': 40" in out
   assert "[2/5] SFT: 3/3 steps on sft_caption captions" in out
   assert "[3/5] evaluation before RL on 4 test examples" in out
   assert "[4/5] RL (c_gdpo, judge capworld): 2/2 steps" in out

@@ -35,6 +35,8 @@ from balcap.rl.rewards import functions
 
 log = logging.getLogger(__name__)
 
+CONTINUATION_BUCKET = 32  # tokens: the update compiles once per multiple in use
+
 
 class RLStep:
   """The host side of one step (see the module docstring); called by `balcap.loop`."""
@@ -63,7 +65,7 @@ class RLStep:
     self.base_key = jax.random.key(config.seed)
 
   def _update_fn(self, prompt_length: int):
-    if prompt_length not in self._updates:
+    if prompt_length not in self._updates:  # (jit itself recompiles for new rollout lengths)
       self._updates[prompt_length] = update.make_update(
           self.policy.module, self.optimizer, self.loss_config, prompt_length=prompt_length,
           num_micro_batches=self.micro_batches, num_passes=self.config.rl.num_inner_updates,
@@ -89,8 +91,14 @@ class RLStep:
     samples = functions.make_samples(rows, captions, self.group)
     pending = self.reward.submit(samples)
 
-    tokens = parallel.host_local(rollouts.tokens)
     lengths = parallel.host_local(rollouts.lengths)
+    # Trained on up to the longest rollout of the GLOBAL batch, rounded up to a multiple of
+    # CONTINUATION_BUCKET: rows padded to max_new_tokens would cost the update as much as the
+    # longest possible caption, while a few buckets bound the compiled programs.
+    steps = parallel.host_max(-(-max(int(lengths.max()), 1) // CONTINUATION_BUCKET)
+                              * CONTINUATION_BUCKET)
+    steps = min(steps, self.spec.max_new_tokens)
+    tokens = parallel.host_local(rollouts.tokens)[:, :steps]
     inputs, prompt_length = scoring.continuation_batch(policy, chats, tokens, lengths,
                                                        self.group,
                                                        config.sampling.prompt_bucket)
@@ -146,7 +154,7 @@ class RLStep:
     return state, metrics
 
   def _rollout_metrics(self, tokens, lengths, rollouts, old_logprobs, mask, samples, rewards):
-    sampler = parallel.host_local(rollouts.logprobs)
+    sampler = parallel.host_local(rollouts.logprobs)[:, :tokens.shape[1]]
     trainer = parallel.host_local(old_logprobs)
     real = mask > 0
     gap = np.abs(sampler - trainer)[real]
