@@ -511,9 +511,12 @@ def _training_problems(config) -> list[str]:
   problems = []
   for stage in ("sft", "rl"):
     try:
-      optim.from_config(config[stage].optimizer)
+      settings = optim.from_config(config[stage].optimizer)
+      if config[stage].num_steps > 0:  # the schedule over this stage's steps
+        optim.learning_rate_schedule(settings, config[stage].num_steps)
     except (ValueError, TypeError) as e:
-      problems.append(f"config.{stage}.optimizer: {e}")
+      problems.append(f"config.{stage}.optimizer: {e} (config.{stage}.num_steps="
+                      f"{config[stage].num_steps})")
   try:
     losses.from_config(config.rl.loss)
   except (ValueError, TypeError) as e:
@@ -521,7 +524,7 @@ def _training_problems(config) -> list[str]:
   if config.sft.target not in ("sft_caption", "reference"):
     problems.append(f"config.sft.target={config.sft.target!r}: use sft_caption or reference")
   if config.sft.target == "sft_caption" and config.data.name != "capworld" and (
-      config.sft.num_steps > 0):
+      config.sft.num_steps > 0) and config.mode in ("sft", "train"):
     problems.append("config.sft.target='sft_caption' exists only in CapWorld; use 'reference'")
   rl = config.rl
   if rl.num_steps > 0:

@@ -12,14 +12,17 @@ from testlib import REPO
 _DATA = ["--config.data.capworld.num_train=40", "--config.data.capworld.num_validation=4",
          "--config.data.capworld.num_test=4"]
 _SMALL = [*_DATA, "--config.sft.num_steps=3", "--config.sft.batch_size=4",
+          "--config.sft.optimizer.warmup_steps=1", "--config.rl.optimizer.warmup_steps=1",
           "--config.rl.num_steps=2", "--config.rl.batch_size=2", "--config.rl.group_size=4",
           "--config.rl.sample_table_every=2", "--config.sampling.max_new_tokens=8",
           "--config.rl.final_eval_examples=4", "--config.batch_size=4",
           "--config.checkpoint.every_steps=2", "--config.metrics.log_every_steps=1"]
 
 
-def balcap_main(*args, tmp_path, cwd=REPO):
+def balcap_main(*args, tmp_path, cwd=REPO, devices=None):
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  if devices:  # as on a user's machine, instead of the test suite's 8 simulated devices
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return subprocess.run([sys.executable, "-m", "balcap.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
@@ -27,7 +30,7 @@ def balcap_main(*args, tmp_path, cwd=REPO):
 def test_demo_command_runs_every_stage_and_a_second_run_redoes_nothing(tmp_path):
   workdir = tmp_path / "runs" / "tiny"  # the default: runs/<config name> under the cwd
   done = balcap_main(f"--config={REPO}/configs/tiny.py", *_SMALL, tmp_path=tmp_path,
-                     cwd=tmp_path)
+                     cwd=tmp_path, devices=1)
   assert done.returncode == 0, done.stderr
   out = done.stdout
   assert "[1/5] data: capworld/n40-4-4_224x224" in out and "'train': 40" in out
@@ -43,15 +46,18 @@ def test_demo_command_runs_every_stage_and_a_second_run_redoes_nothing(tmp_path)
   assert sorted(os.listdir(workdir / "rl" / "checkpoints")) == ["2"]
   sft_log = metrics.read_jsonl(str(workdir / "sft" / "metrics.jsonl"))
   assert [r["step"] for r in sft_log] == [1, 2, 3] and all(r["sft/loss"] > 0 for r in sft_log)
-  rl_log = metrics.read_jsonl(str(workdir / "rl" / "metrics.jsonl"))
+  records = metrics.read_jsonl(str(workdir / "rl" / "metrics.jsonl"))
+  rl_log = [r for r in records if "texts" not in r]
   assert [r["step"] for r in rl_log] == [1, 2]
+  (table,) = [r for r in records if "texts" in r]  # the sample table of step 2
+  assert table["step"] == 2 and "| precision |" in table["texts"]["samples"]
   for key in ("reward/precision/mean", "update/policy/clip_fraction", "update/grad_norm",
               "mismatch/sampler_vs_trainer_logprob_max", "time/sample", "learning_rate"):
     assert key in rl_log[-1], sorted(rl_log[-1])
   assert len(metrics.read_jsonl(str(workdir / "rl" / "samples.jsonl"))) == 8
   # The same command again restores each finished stage instead of redoing it.
   again = balcap_main(f"--config={REPO}/configs/tiny.py", *_SMALL, tmp_path=tmp_path,
-                      cwd=tmp_path)
+                      cwd=tmp_path, devices=1)
   assert again.returncode == 0, again.stderr
   assert "(resumed from step 3)" in again.stdout and "(resumed from step 2)" in again.stdout
   assert json.loads((workdir / "eval.json").read_text())["after"] == summary["after"]
@@ -73,9 +79,12 @@ def test_a_mode_this_version_lacks_says_what_it_needs(tmp_path):
 
 def test_config_errors_name_the_field_and_the_fix_before_any_work(tmp_path):
   done = balcap_main("--config=configs/tiny.py", "--config.batch_size=12",
-                     "--config.mesh.fsdp=8", f"--workdir={tmp_path / 'run'}", tmp_path=tmp_path)
+                     "--config.mesh.fsdp=8", "--config.sft.num_steps=10",
+                     f"--workdir={tmp_path / 'run'}", tmp_path=tmp_path)
   assert done.returncode == 1
   assert "config.batch_size=12 does not divide over the 8 data shards" in done.stderr
+  assert ("config.sft.optimizer: cosine decay ends at step 10, not after warmup_steps=30"
+          in done.stderr)
   assert not (tmp_path / "run").exists()
   typo = balcap_main("--config=configs/tiny.py", "--config.num_stpes=3", tmp_path=tmp_path)
   assert typo.returncode != 0 and "num_stpes" in typo.stderr
