@@ -55,9 +55,7 @@ def _logged_steps(workdir):
 
 
 def test_a_run_killed_mid_step_resumes_to_bitwise_equal_params(tmp_path, tfds_dir):
-  whole = _finish(_start(tmp_path / "whole", tfds_dir, 6))
-  assert whole[0] == ["None", "6"]
-
+  uninterrupted = _start(tmp_path / "whole", tfds_dir, 6)  # alongside: compiles overlap
   killed = _start(tmp_path / "killed", tfds_dir, 6)
   deadline = time.time() + 300
   while 5 not in _logged_steps(tmp_path / "killed"):  # step 5 done, step 6 under way
@@ -65,6 +63,8 @@ def test_a_run_killed_mid_step_resumes_to_bitwise_equal_params(tmp_path, tfds_di
     time.sleep(0.05)
   killed.send_signal(signal.SIGKILL)
   killed.communicate(timeout=60)
+  whole = _finish(uninterrupted)
+  assert whole[0] == ["None", "6"]
   resumed = _finish(_start(tmp_path / "killed", tfds_dir, 6))
   # From the last COMPLETE checkpoint (saves are asynchronous: step 4's may still have been
   # in flight when the kill came, never half-used), then on to the end.

@@ -82,8 +82,14 @@ def test_update_on_a_2x2x2_mesh_equals_one_device(rollout_batch):
     np.testing.assert_allclose(sharded_metrics[key], single_metrics[key], rtol=1e-5, atol=1e-6)
 
 
-def test_micro_batching_does_not_change_the_update(rollout_batch):
-  whole, whole_metrics, _ = _updated(rollout_batch, micro_batches=1)
+@pytest.fixture(scope="module")
+def one_pass(rollout_batch):
+  """The plain update (1 micro-batch, 1 pass), compared against by two tests."""
+  return _updated(rollout_batch)[:2]
+
+
+def test_micro_batching_does_not_change_the_update(rollout_batch, one_pass):
+  whole, whole_metrics = one_pass
   split, split_metrics, _ = _updated(rollout_batch, micro_batches=4)
   _assert_params_close(split, whole)
   np.testing.assert_allclose(split_metrics["update/loss"], whole_metrics["update/loss"],
@@ -92,9 +98,9 @@ def test_micro_batching_does_not_change_the_update(rollout_batch):
                              whole_metrics["update/grad_norm"], rtol=1e-5)
 
 
-def test_inner_passes_move_the_policy_and_clip_more(rollout_batch):
+def test_inner_passes_move_the_policy_and_clip_more(rollout_batch, one_pass):
   _, batch, _ = rollout_batch
-  one, one_metrics, _ = _updated(rollout_batch, passes=1)
+  one, one_metrics = one_pass
   three, three_metrics, _ = _updated(rollout_batch, passes=3)
   assert one_metrics["update/policy/clip_fraction"] == three_metrics[
       "update/policy/clip_fraction"]  # the first pass reports the batch as sampled
