@@ -80,6 +80,9 @@ def main():
   parser.add_argument("--new-tokens", type=int, default=128)
   parser.add_argument("--micro", type=int, default=2)
   args = parser.parse_args()
+  # The 60M model's image and vision ids (qwen_fixtures defaults to its tiny models').
+  qwen_fixtures.IMAGE_ID, qwen_fixtures.VISION_START, qwen_fixtures.VISION_END = (
+      31995, 31997, 31998)
   peak_flops, _ = machine_peaks()
   print(f"machine: fp32 matmul peak {peak_flops / 1e9:.1f} GFLOP/s (2048^3, best of 10), "
         f"{jax.device_count()} device(s), {os.cpu_count()} cpus")
@@ -88,6 +91,7 @@ def main():
     policy = models.load_pretrained(folder, scan_layers=False)
   count = sum(x.size for x in jax.tree.leaves(policy.params))
   optimizer = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-6), total_steps=100)
+  initial = jax.tree.map(np.asarray, policy.params)  # each step donates the params it gets
   state = train_state.initial_state(policy, optimizer, 0)
 
   batch, prompt_length, patches = rl_batch(policy, args.prompts, args.group, args.new_tokens)
@@ -123,6 +127,7 @@ def main():
   inputs["loss_mask"] = np.asarray(chats["attention_mask"])
   sft_step = sft.make_step(policy.module, optimizer, None)
   inputs = jax.device_put(inputs)
+  policy.params = jax.device_put(initial)
   holder["state"] = train_state.initial_state(policy, optimizer, 0)
 
   def run_sft():
