@@ -21,6 +21,7 @@ from PIL import Image
 
 from balcap import metrics, models, parallel, sampling
 from balcap.data import datasets, pipeline
+from balcap.evals import captioning
 
 
 def _image_batches(paths: list[str], batch_size: int) -> Iterator[list[tuple[str, Any]]]:
@@ -56,19 +57,13 @@ def _split_batches(config, batch_size: int) -> tuple[Iterator[list[tuple[str, An
 
 def caption_rows(policy, images: list[Image.Image], config, rng: jax.Array) -> list[dict]:
   """Greedy or sampled captions (config.sampling) for a list of images: [{caption, num_tokens}]."""
-  processor = policy.processor
-  batch = processor(prompts=[config.sampling.prompt] * len(images), images=images)
+  batch = policy.processor(prompts=[config.sampling.prompt] * len(images), images=images)
   rollouts = sampling.generate(
       policy, policy.params, batch, rng, max_new_tokens=config.sampling.max_new_tokens,
       temperature=config.sampling.temperature, top_p=config.sampling.top_p,
       top_k=config.sampling.top_k, prompt_bucket=config.sampling.prompt_bucket)
-  tokens, lengths = np.asarray(rollouts.tokens), np.asarray(rollouts.lengths)
-  finished = np.asarray(rollouts.finished)
-  rows = []
-  for row, length, ended in zip(tokens, lengths, finished):
-    kept = row[:length - 1] if ended else row[:length]  # the end token is not caption
-    rows.append({"caption": processor.decode(kept).strip(), "num_tokens": int(len(kept))})
-  return rows
+  return [{"caption": caption, "num_tokens": count}
+          for caption, count in captioning.decode_with_lengths(policy, rollouts)]
 
 
 def run(config, workdir: str, images: list[str] | None = None) -> str:

@@ -75,11 +75,19 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
 
 def decode(policy, rollouts: sampling.Rollouts) -> list[str]:
   """Caption text of each of this host's rollouts: its tokens up to (without) the end token."""
+  return [caption for caption, _ in decode_with_lengths(policy, rollouts)]
+
+
+def decode_with_lengths(policy, rollouts: sampling.Rollouts) -> list[tuple[str, int]]:
+  """(caption text, number of caption tokens) of each of this host's rollouts."""
   tokens = parallel.host_local(rollouts.tokens)
   lengths = parallel.host_local(rollouts.lengths)
   finished = parallel.host_local(rollouts.finished)
-  return [policy.processor.decode(row[:length - 1] if ended else row[:length]).strip()
-          for row, length, ended in zip(tokens, lengths, finished)]
+  out = []
+  for row, length, ended in zip(tokens, lengths, finished):
+    kept = row[:length - 1] if ended else row[:length]  # the end token is not caption
+    out.append((policy.processor.decode(kept).strip(), int(len(kept))))
+  return out
 
 
 def table(before: dict[str, float], after: dict[str, float]) -> str:
