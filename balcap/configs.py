@@ -10,6 +10,7 @@ that names the field and the fix.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 from typing import Any
 
@@ -213,6 +214,18 @@ def _optimizer_section(**overrides) -> ml_collections.ConfigDict:
       moment_dtype="float32"))       # Adam moments, float32 even for bfloat16 params
   section.update(overrides)
   return section
+
+
+def known_options(cls: type, section: Any, what: str) -> dict[str, Any]:
+  """A config section (ConfigDict or dict) as keyword arguments of dataclass `cls`; a key
+  that is not one of its fields is a ValueError naming it and the known ones."""
+  values = dict(section)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"invalid {what} config: unknown option(s) {unknown}; known: "
+                     f"{sorted(known)}")
+  return values
 
 
 def paper_rl_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

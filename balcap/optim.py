@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from balcap import configs
+
 SCHEDULES = ("constant", "cosine")
 MOMENT_DTYPES = ("float32", "bfloat16")
 
@@ -90,12 +92,7 @@ class OptimizerConfig:
 
 def from_config(section: Mapping[str, Any]) -> OptimizerConfig:
   """OptimizerConfig from a config section (a ConfigDict or dict); unknown keys are an error."""
-  values = dict(section)
-  known = {f.name for f in dataclasses.fields(OptimizerConfig)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ValueError(f"invalid optimizer config: unknown option(s) {unknown}; known: "
-                     f"{sorted(known)}")
+  values = configs.known_options(OptimizerConfig, section, "optimizer")
   if "freeze" in values and not isinstance(values["freeze"], str):
     values["freeze"] = tuple(values["freeze"])
   return OptimizerConfig(**values)

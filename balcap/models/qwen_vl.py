@@ -248,7 +248,7 @@ def rope_index(input_ids: np.ndarray, attention_mask: np.ndarray,
 
 
 def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], *, across_hosts: bool = False,
-                   **layout_sizes) -> dict[str, Any]:
+                   bucketed: bool = False, **layout_sizes) -> dict[str, Any]:
   """A processor batch plus `position_ids`, `rope_deltas` and, with images, `vision_layout`
   and `image_row_offsets` (each row's first image feature).
 
@@ -256,6 +256,7 @@ def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], *, across_hosts:
   one compiled program serves every image grid that fits. `across_hosts`: every host's patch
   table is gathered (each device encodes the global batch's images; rows are split over
   hosts, the images are not), and this host's rows point past the earlier hosts' features.
+  `bucketed`: layout sizes from `layout_buckets` over those (global) images instead.
   """
   input_ids = np.asarray(batch["input_ids"])
   attention_mask = np.asarray(batch["attention_mask"])
@@ -276,6 +277,8 @@ def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], *, across_hosts:
       pixels, first_patch = parallel.host_concat(pixels)
       grid, _ = parallel.host_concat(grid)
       first_feature = first_patch // config.vision.spatial_merge_size ** 2
+    if bucketed:
+      layout_sizes = layout_buckets(config, {"image_grid_thw": grid})
     counts = is_image.sum(axis=1)
     prepared["image_row_offsets"] = (first_feature + np.cumsum(counts) - counts).astype(np.int32)
     layout = qwen_vision.vision_layout(grid, config.vision, **layout_sizes)
@@ -291,11 +294,7 @@ def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], *, across_hosts:
 def prepare_batch(config: QwenVLConfig, batch: dict[str, Any]) -> dict[str, Any]:
   """`prepare_inputs` as training and sampling call it: layout sizes bucketed over the GLOBAL
   batch's images (every host compiles the same program) and images shared across hosts."""
-  grid = batch.get("image_grid_thw")
-  sizes = {}
-  if grid is not None and batch.get("pixel_values") is not None:
-    sizes = layout_buckets(config, {"image_grid_thw": parallel.host_concat(np.asarray(grid))[0]})
-  return prepare_inputs(config, batch, across_hosts=jax.process_count() > 1, **sizes)
+  return prepare_inputs(config, batch, across_hosts=jax.process_count() > 1, bucketed=True)
 
 
 def model_rules(config: QwenVLConfig) -> tuple[Rule, ...]:

@@ -29,6 +29,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from balcap import configs
+
 AxisName = str | tuple[str, ...] | None
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -73,12 +75,7 @@ class LossConfig:
 
 def from_config(section: Mapping[str, Any]) -> LossConfig:
   """LossConfig from a config section (a ConfigDict or dict); unknown keys are an error."""
-  values = dict(section)
-  known = {f.name for f in dataclasses.fields(LossConfig)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ValueError(f"invalid loss config: unknown option(s) {unknown}; known: {sorted(known)}")
-  return LossConfig(**values)
+  return LossConfig(**configs.known_options(LossConfig, section, "loss"))
 
 
 # ---------------------------------------------------------------------------------------------
