@@ -211,6 +211,7 @@ def _optimizer_section(**overrides) -> ml_collections.ConfigDict:
       min_learning_rate_ratio=0.0,
       max_grad_norm=1.0,             # global-norm clipping before Adam (0 = off)
       freeze=(),                     # regexes over param paths, e.g. ("^visual/",)
+      learning_rate_multipliers=(),  # ((regex, multiplier), ...), e.g. (("^visual/", 10.0),)
       moment_dtype="float32"))       # Adam moments, float32 even for bfloat16 params
   section.update(overrides)
   return section

@@ -9,7 +9,8 @@ The chain, in order, for the trainable parameters:
   4. decoupled weight decay (AdamW), only on parameters with >= 2 dimensions: weight
      matrices and embeddings. 1-D parameters (norm scales, biases) and scalars are not decayed,
      as is standard: decaying a norm scale towards 0 fights the normalisation it exists for;
-  5. scaling by -learning_rate(step).
+  5. scaling by -learning_rate(step), times a per-group multiplier where a
+     `learning_rate_multipliers` regex matches (e.g. a faster or slower vision tower).
 Parameters whose "/"-joined path (relative to the tree given to `init`: the model's params
 without the "params" collection, e.g. "visual/blocks/0/attn/qkv/kernel") matches a `freeze` regex
 (`re.search`) get a zero update and no state at all (optax.multi_transform with set_to_zero):
@@ -53,6 +54,10 @@ class OptimizerConfig:
   max_grad_norm: float = 1.0         # global-norm clipping of the raw gradients (0 = off)
   freeze: tuple[str, ...] = ()       # regexes over "/"-joined param paths, e.g. "^visual/"
   moment_dtype: str = "float32"      # Adam mu and nu; float32 even for bfloat16 params
+  # ((regex, multiplier), ...): a param whose path matches gets learning_rate * multiplier (the
+  # first matching pair wins; weight decay scales with it, as AdamW's does with the rate),
+  # e.g. (("^visual/", 10.0),) trains the vision tower and merger ten times faster.
+  learning_rate_multipliers: tuple[tuple[str, float], ...] = ()
 
   def __post_init__(self):
     problems = []
@@ -84,6 +89,19 @@ class OptimizerConfig:
           re.compile(pattern)
         except re.error as e:
           problems.append(f"freeze pattern {pattern!r} is not a regex: {e}")
+    for pair in self.learning_rate_multipliers:
+      if (isinstance(pair, str) or len(pair) != 2 or not isinstance(pair[0], str)
+          or not isinstance(pair[1], (int, float))):
+        problems.append(f"learning_rate_multipliers entry {pair!r} must be a (regex, "
+                        "multiplier) pair, e.g. ('^visual/', 10.0)")
+        continue
+      try:
+        re.compile(pair[0])
+      except re.error as e:
+        problems.append(f"learning_rate_multipliers pattern {pair[0]!r} is not a regex: {e}")
+      if not pair[1] >= 0:
+        problems.append(f"learning_rate_multipliers {pair[0]!r}: multiplier {pair[1]} must be "
+                        ">= 0")
     if self.moment_dtype not in MOMENT_DTYPES:
       problems.append(f"moment_dtype={self.moment_dtype!r} is not one of {list(MOMENT_DTYPES)}")
     if problems:
@@ -95,6 +113,10 @@ def from_config(section: Mapping[str, Any]) -> OptimizerConfig:
   values = configs.known_options(OptimizerConfig, section, "optimizer")
   if "freeze" in values and not isinstance(values["freeze"], str):
     values["freeze"] = tuple(values["freeze"])
+  if "learning_rate_multipliers" in values:
+    values["learning_rate_multipliers"] = tuple(
+        tuple(pair) if isinstance(pair, (list, tuple)) else pair
+        for pair in values["learning_rate_multipliers"])
   return OptimizerConfig(**values)
 
 
@@ -191,25 +213,50 @@ def param_path(path: tuple) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def freeze_labels(params: Any, patterns: tuple[str, ...]) -> Any:
-  """"frozen" for params whose path matches a pattern, else "trainable". A pattern that matches
-  nothing is an error (a typo would otherwise silently train everything)."""
+def _matching(params: Any, patterns: tuple[str, ...], field: str) -> Any:
+  """Per leaf, the index of the first pattern its path matches, or -1. A pattern that matches
+  nothing is an error naming `field` (a typo would otherwise silently change nothing)."""
   compiled = [re.compile(p) for p in patterns]
   used = set()
 
-  def label(path, _):
+  def first(path, _):
     name = param_path(path)
-    hits = [p.pattern for p in compiled if p.search(name)]
+    hits = [i for i, p in enumerate(compiled) if p.search(name)]
     used.update(hits)
-    return "frozen" if hits else "trainable"
+    return hits[0] if hits else -1
 
-  labels = jax.tree_util.tree_map_with_path(label, params)
-  unused = [p for p in patterns if p not in used]
+  matches = jax.tree_util.tree_map_with_path(first, params)
+  unused = [p for i, p in enumerate(patterns) if i not in used]
   if unused:
     names = [param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
-    raise ValueError(f"optimizer freeze pattern(s) {unused} match no parameter; paths look "
+    raise ValueError(f"optimizer {field} pattern(s) {unused} match no parameter; paths look "
                      f"like {names[:5]}")
-  return labels
+  return matches
+
+
+def _scale_by_multipliers(pairs: tuple[tuple[str, float], ...]) -> optax.GradientTransformation:
+  """Multiplies each update by the multiplier of the first pair whose regex matches its path."""
+  patterns = tuple(p for p, _ in pairs)
+
+  def init(params):
+    _matching(params, patterns, "learning_rate_multipliers")  # fail at init, not in a trace
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    matches = _matching(updates, patterns, "learning_rate_multipliers")
+    scaled = jax.tree.map(lambda u, i: u if i < 0 else u * jnp.asarray(pairs[i][1], u.dtype),
+                          updates, matches)
+    return scaled, state
+
+  return optax.GradientTransformation(init, update)
+
+
+def freeze_labels(params: Any, patterns: tuple[str, ...]) -> Any:
+  """"frozen" for params whose path matches a pattern, else "trainable". A pattern that matches
+  nothing is an error (a typo would otherwise silently train everything)."""
+  return jax.tree.map(lambda i: "trainable" if i < 0 else "frozen",
+                      _matching(params, patterns, "freeze"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +274,8 @@ def make_optimizer(config: OptimizerConfig, total_steps: int | None = None
   if config.weight_decay > 0:
     chain.append(optax.add_decayed_weights(config.weight_decay, mask=_decay_mask))
   chain.append(optax.scale_by_learning_rate(learning_rate_schedule(config, total_steps)))
+  if config.learning_rate_multipliers:
+    chain.append(_scale_by_multipliers(config.learning_rate_multipliers))
   trainable = optax.chain(*chain)
   if not config.freeze:
     return trainable

@@ -152,6 +152,34 @@ def test_freeze_pattern_matching_nothing_is_an_error():
     optimizer.init(params_tree())
 
 
+def test_learning_rate_multipliers_scale_matching_groups_first_match_wins():
+  params = params_tree()
+  grads = [jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)]
+  config = optim.OptimizerConfig(learning_rate=0.01, max_grad_norm=0.0,
+                                 learning_rate_multipliers=(("^visual/", 10.0), ("kernel", 0.5)))
+  _, _, updates = run(optim.make_optimizer(config), params, grads)
+  # First Adam step: -lr * g / (|g| + eps) = -lr per coordinate, times the group's multiplier
+  # ("visual/kernel" matches both patterns: the first, 10, wins).
+  for path, u in jax.tree_util.tree_leaves_with_path(updates):
+    name = optim.param_path(path)
+    expected = -0.1 if name.startswith("visual/") else -0.005 if "kernel" in name else -0.01
+    np.testing.assert_allclose(u, expected, rtol=1e-5, err_msg=name)
+
+
+def test_learning_rate_multipliers_are_checked():
+  with pytest.raises(ValueError, match="must be a \\(regex, multiplier\\) pair"):
+    optim.OptimizerConfig(learning_rate_multipliers=("^visual/",))
+  with pytest.raises(ValueError, match="must be >= 0"):
+    optim.OptimizerConfig(learning_rate_multipliers=(("^visual/", -1.0),))
+  optimizer = optim.make_optimizer(optim.OptimizerConfig(
+      learning_rate_multipliers=(("^vision/", 2.0),)))
+  with pytest.raises(ValueError, match="learning_rate_multipliers pattern.*vision"):
+    optimizer.init(params_tree())
+  # From a config section, lists (as a command-line override writes them) become pairs.
+  section = {"learning_rate_multipliers": [["^visual/", 10]]}
+  assert optim.from_config(section).learning_rate_multipliers == (("^visual/", 10),)
+
+
 # ---------------------------------------------------------------------------------------------
 # bfloat16 params
 

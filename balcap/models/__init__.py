@@ -5,9 +5,9 @@
     logits = policy.apply(policy.params, policy.processor(prompts=[...], images=[...]))
 """
 
-from balcap.models import qwen_vl  # registers the Qwen2.5-VL family
+from balcap.models import llava, qwen_vl  # registers the LLaVA-1.5 and Qwen2.5-VL families
 from balcap.models.policy import (Family, Policy, architecture_from_config, family_of,
                                   init_random, load_pretrained, policy_from_config)
 
 __all__ = ["Family", "Policy", "architecture_from_config", "family_of", "init_random",
-           "load_pretrained", "policy_from_config", "qwen_vl"]
+           "llava", "load_pretrained", "policy_from_config", "qwen_vl"]

@@ -1,5 +1,8 @@
 """The Qwen2 decoder of Qwen2.5-VL: GQA attention with q/k/v biases, SwiGLU, RMSNorm, M-RoPE.
 
+It is also the LLaMA decoder of LLaVA (`balcap.models.llama_lm`): without the biases
+(`attention_bias=False`) and with all three M-RoPE position rows equal, which is plain RoPE.
+
 M-RoPE (multimodal rotary embedding) gives each token three position ids (temporal, height,
 width; equal for text tokens) and rotates each frequency band of a head by one of them: the
 first `mrope_section[0]` frequencies by the temporal id, the next `mrope_section[1]` by the
@@ -34,6 +37,7 @@ class QwenLMConfig:
   mrope_section: tuple[int, int, int] = (16, 24, 24)  # frequencies per (t, h, w); sum = head_dim/2
   rms_norm_eps: float = 1e-6
   hidden_act: str = "silu"
+  attention_bias: bool = True   # q/k/v biases: Qwen2 has them, LLaMA does not
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 128_000
   dtype: str = "float32"        # activations and matmuls
@@ -86,7 +90,7 @@ def causal_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """GQA self-attention with q/k/v biases.
+  """GQA self-attention (with q/k/v biases when `config.attention_bias`).
 
   Without a cache it attends within `x` under `mask` and returns (output, (k, v) of `x`)
   (training, prefill). With a decode cache, `x` is one new token per row, `mask` a
@@ -103,9 +107,10 @@ class Attention(nn.Module):
       return layers.Dense(heads * c.head_dim, axes, bias, dtype, param_dtype, name=name)
 
     batch, length, _ = x.shape
-    q = proj(c.num_heads, ("embed", "heads"), True, "q_proj")(x)
-    k = proj(c.num_kv_heads, ("embed", "kv_heads"), True, "k_proj")(x)
-    v = proj(c.num_kv_heads, ("embed", "kv_heads"), True, "v_proj")(x)
+    bias = c.attention_bias
+    q = proj(c.num_heads, ("embed", "heads"), bias, "q_proj")(x)
+    k = proj(c.num_kv_heads, ("embed", "kv_heads"), bias, "k_proj")(x)
+    v = proj(c.num_kv_heads, ("embed", "kv_heads"), bias, "v_proj")(x)
     q = layers.apply_rotary(q.reshape(batch, length, c.num_heads, c.head_dim), cos, sin)
     k = layers.apply_rotary(k.reshape(batch, length, c.num_kv_heads, c.head_dim), cos, sin)
     v = v.reshape(batch, length, c.num_kv_heads, c.head_dim)
@@ -225,9 +230,13 @@ class QwenLM(nn.Module):
 
 def lm_rules(param_prefix: str = "lm", hf_prefixes: tuple[str, ...] = ("model.",
                                                                           "model.language_model."),
-             scan_layers: bool = True) -> tuple[Rule, ...]:
+             scan_layers: bool = True, attention_bias: bool = True,
+             lm_head_names: tuple[str, ...] = ("lm_head.weight",),
+             lm_head_optional: bool = True) -> tuple[Rule, ...]:
   """The decoder's checkpoint table. Published Qwen2.5-VL files name the decoder `model.*`;
-  files saved by some transformers 4.x releases say `model.language_model.*`: both are read."""
+  files saved by some transformers 4.x releases say `model.language_model.*`: both are read.
+  `lm_head_optional`: tied models have no lm_head parameter, yet some of their checkpoints
+  carry the tensor."""
   def rule(hf: str, param: str, transform: str = "identity", optional: bool = False):
     return Rule(tuple(p + hf for p in hf_prefixes), f"{param_prefix}/{param}", transform,
                 optional)
@@ -235,12 +244,11 @@ def lm_rules(param_prefix: str = "lm", hf_prefixes: tuple[str, ...] = ("model.",
   attention = [rule(f"layers.{{layer}}.self_attn.{p}.weight", f"{layer}/self_attn/{p}/kernel",
                     "transpose") for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
   biases = [rule(f"layers.{{layer}}.self_attn.{p}.bias", f"{layer}/self_attn/{p}/bias")
-            for p in ("q_proj", "k_proj", "v_proj")]
+            for p in ("q_proj", "k_proj", "v_proj")] if attention_bias else []
   mlp = [rule(f"layers.{{layer}}.mlp.{p}.weight", f"{layer}/mlp/{p}/kernel", "transpose")
          for p in ("gate_proj", "up_proj", "down_proj")]
   norms = [rule(f"layers.{{layer}}.{n}.weight", f"{layer}/{n}/scale")
            for n in ("input_layernorm", "post_attention_layernorm")]
   return (rule("embed_tokens.weight", "embed_tokens/embedding"), *attention, *biases, *mlp,
           *norms, rule("norm.weight", "norm/scale"),
-          # Tied models have no lm_head parameter; some of their checkpoints still carry it.
-          Rule(("lm_head.weight",), f"{param_prefix}/lm_head/embedding", optional=True))
+          Rule(lm_head_names, f"{param_prefix}/lm_head/embedding", optional=lm_head_optional))

@@ -1,0 +1,139 @@
+"""LLaVA-1.5 in Flax equals transformers' PyTorch model: logits, checkpoints, export, errors."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import transformers
+
+from balcap import models
+from balcap.models import hf_io, llava, safetensors_io
+from llava_fixtures import IMAGE_ID, batch, reference_logits, tiny_config, write_checkpoint
+
+TOLERANCE = 1e-4  # fp32 logits, max |diff|
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("llava_untied"))
+  reference = write_checkpoint(folder, tiny_config())
+  return folder, reference, models.load_pretrained(folder)
+
+
+def assert_logits_match(policy, reference, inputs, tolerance=TOLERANCE):
+  ours = np.asarray(policy.apply(policy.params, inputs))
+  theirs = reference_logits(reference, inputs)
+  real = inputs["attention_mask"].astype(bool)  # padding positions are garbage on both sides
+  diff = np.abs(ours - theirs)[real].max()
+  assert diff <= tolerance, f"max |diff| {diff:.2e} > {tolerance}"
+  return diff
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_text_only_prompts_with_padding(untied, padding_side):
+  _, reference, policy = untied
+  rng = np.random.default_rng(0)
+  inputs = batch(rng, [(list(rng.integers(0, 240, 11)), False),
+                       (list(rng.integers(0, 240, 6)), False)], padding_side)
+  assert_logits_match(policy, reference, inputs)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_images_and_a_text_only_row_with_padding(untied, padding_side):
+  _, reference, policy = untied
+  rng = np.random.default_rng(1)
+  inputs = batch(rng, [([1, 5, 6, 7], True), (list(rng.integers(0, 240, 12)), False),
+                       ([1, 8, 9], True)], padding_side)
+  assert_logits_match(policy, reference, inputs)
+
+
+@pytest.mark.parametrize("feature_layer,strategy", [(-1, "default"), (1, "full")])
+def test_other_feature_layers_and_the_full_strategy(tmp_path, feature_layer, strategy):
+  folder = str(tmp_path / "ckpt")
+  reference = write_checkpoint(folder, tiny_config(feature_layer=feature_layer,
+                                                   strategy=strategy), seed=2)
+  policy = models.load_pretrained(folder)
+  features = 5 if strategy == "full" else 4
+  rng = np.random.default_rng(2)
+  assert_logits_match(policy, reference, batch(rng, [([1, 2, 3], True)], features=features))
+
+
+def test_tied_embeddings(tmp_path):
+  folder = str(tmp_path / "tied")
+  reference = write_checkpoint(folder, tiny_config(tie=True), seed=3)
+  policy = models.load_pretrained(folder)
+  assert "lm_head" not in policy.params["lm"]
+  rng = np.random.default_rng(3)
+  assert_logits_match(policy, reference, batch(rng, [([1, 2, 3], True)]))
+
+
+def test_export_in_the_published_layout_loads_in_transformers_identically(untied, tmp_path):
+  _, reference, policy = untied
+  out = str(tmp_path / "export")
+  policy.save_pretrained(out)
+  names = hf_io.checkpoint_tensors(out)
+  # The published llava-hf layout: CLIP under vision_tower.vision_model, the unused last block
+  # and pooler norm included, so nothing is lost on the way through balcap.
+  assert "vision_tower.vision_model.post_layernorm.weight" in names
+  assert "vision_tower.vision_model.encoder.layers.2.mlp.fc2.bias" in names
+  assert "language_model.lm_head.weight" in names
+  exported = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+  for name, tensor in exported.state_dict().items():
+    np.testing.assert_array_equal(tensor.numpy(), reference.state_dict()[name].numpy(), name)
+  assert models.load_pretrained(out).config == policy.config
+
+
+def _respelled(folder, destination, rename):
+  shutil.copytree(folder, destination)
+  infos = safetensors_io.read_header(os.path.join(folder, hf_io.SINGLE_FILE))
+  tensors = [(rename(name), safetensors_io.read_tensor(info)) for name, info in infos.items()]
+  safetensors_io.write_file(os.path.join(destination, hf_io.SINGLE_FILE), tensors)
+
+
+def test_model_prefixed_spellings_load(untied, tmp_path):
+  """transformers 4.5x wrote `model.vision_tower.vision_model.*`, `model.language_model.*`,
+  `model.multi_modal_projector.*` and `lm_head.weight`."""
+  folder, reference, _ = untied
+  def rename(name):
+    if name.startswith("language_model.model."):
+      return "model.language_model." + name[len("language_model.model."):]
+    if name == "language_model.lm_head.weight":
+      return "lm_head.weight"
+    if name.startswith("vision_tower."):
+      return "model.vision_tower.vision_model." + name[len("vision_tower."):]
+    return "model." + name
+  _respelled(folder, tmp_path / "respelled", rename)
+  policy = models.load_pretrained(str(tmp_path / "respelled"))
+  rng = np.random.default_rng(4)
+  assert_logits_match(policy, reference, batch(rng, [([1, 2, 3], True)]))
+
+
+def test_a_missing_tensor_is_named(untied, tmp_path):
+  folder, _, _ = untied
+  shutil.copytree(folder, tmp_path / "bad")
+  path = os.path.join(tmp_path / "bad", hf_io.SINGLE_FILE)
+  infos = safetensors_io.read_header(path)
+  tensors = [(n, safetensors_io.read_tensor(i)) for n, i in infos.items()
+             if n != "multi_modal_projector.linear_2.weight"]
+  safetensors_io.write_file(path, tensors)
+  with pytest.raises(hf_io.CheckpointMismatchError,
+                     match="missing tensor multi_modal_projector.linear_2.weight"):
+    models.load_pretrained(str(tmp_path / "bad"))
+
+
+def test_prepare_inputs_checks_image_tokens_against_images(untied):
+  _, _, policy = untied
+  rng = np.random.default_rng(5)
+  inputs = batch(rng, [([1, 2, 3], True)])
+  inputs["input_ids"][0, -1] = IMAGE_ID  # one image token too many
+  with pytest.raises(ValueError, match="5 image tokens but its 1 image"):
+    llava.prepare_inputs(policy.config, inputs)
+
+
+def test_architecture_round_trips_through_a_config_dict(untied):
+  _, _, policy = untied
+  architecture = json.loads(json.dumps(policy.config.architecture()))
+  assert llava.LlavaConfig.from_dict(architecture) == policy.config.with_runtime(
+      scan_layers=True)
