@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.min_pixels = 56 * 56     # Qwen2.5-VL processor: each image is resized to between
   c.model.max_pixels = 28 * 28 * 1280  # min and max pixels (multiples of 28 px per side)
+  # LLaVA-1.5 processor: pad each image to a square with the mean colour before the resize and
+  # centre crop (as LLaVA-1.5 was trained), instead of cropping the sides away.
+  c.model.pad_to_square = False
   # The architecture in its family's spelling ({"family": "qwen2_5_vl", "text": {...},
   # "vision": {...}, ...}); free-form here, checked by the family's config class.
   c.model.architecture = ml_collections.ConfigDict()

@@ -43,8 +43,10 @@ def continuation_batch(policy, batch: dict[str, Any], tokens: np.ndarray, length
   }
   if prepared.get("pixel_values") is not None:
     # The G rows of a prompt all point at that prompt's image features, encoded once.
-    inputs.update(pixel_values=prepared["pixel_values"], vision_layout=prepared["vision_layout"],
+    inputs.update(pixel_values=prepared["pixel_values"],
                   image_row_offsets=np.repeat(prepared["image_row_offsets"], num_samples))
+    if prepared.get("vision_layout") is not None:  # Qwen's; LLaVA's fixed-size images need none
+      inputs["vision_layout"] = prepared["vision_layout"]
   return inputs, prepared["input_ids"].shape[1]
 
 

@@ -102,7 +102,7 @@ def test_sft_settings_are_checked_only_where_sft_runs():
 
 def test_model_configs_validate_on_their_hardware():
   assert load_config_file("qwen7b", "hardware=tpu").mesh.fsdp == -1
-  for name in ("qwen3b", "qwen7b"):
+  for name in ("qwen3b", "qwen7b", "llava7b"):
     config = load_config_file(name, "hardware=gpu8")
     with pytest.raises(configs.ConfigError, match="needs config.rewards.openai.base_url"):
       configs.validate(config, num_devices=8)  # a real run must name its judge

@@ -1,4 +1,8 @@
-"""The sampler against transformers' generate, against teacher forcing, and against statistics."""
+"""The sampler against transformers' generate, against teacher forcing, and against statistics.
+
+The model-dependent tests run once per family (Qwen2.5-VL, LLaVA-1.5) on tiny random
+checkpoints that transformers wrote: one sampler serves both.
+"""
 
 import math
 
@@ -9,39 +13,80 @@ import pytest
 import torch
 
 from balcap import models, parallel, sampling, scoring
-from qwen_fixtures import batch, tiny_config, write_checkpoint
+import llava_fixtures
+import qwen_fixtures
 
-EOS = 255  # the tiny config's end-of-sequence id
 NEAR_TIE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("qwen_sampling"))
-  return folder, write_checkpoint(folder, tiny_config(), seed=5)
+class Qwen:
+  """Qwen2.5-VL: images as patch grids; ids 250-253 are its vision specials."""
+  fixtures = qwen_fixtures
+  eos, specials = 255, (250, 251, 252, 253)
+
+  @staticmethod
+  def image(size):  # size 0, 1, 2: three different grids
+    return [(1, 8, 8), (1, 6, 4), (1, 4, 6)][size]
+
+  @staticmethod
+  def reference_kwargs(model, inputs):
+    ids = torch.tensor(inputs["input_ids"], dtype=torch.long)
+    return dict(image_grid_thw=torch.tensor(inputs["image_grid_thw"]),
+                mm_token_type_ids=(ids == model.config.image_token_id).int())
+
+
+class Llava:
+  """LLaVA-1.5: fixed-size CLIP images; `<pad>` and `<image>` are its specials."""
+  fixtures = llava_fixtures
+  eos, specials = llava_fixtures.VOCAB - 1, (llava_fixtures.PAD_ID, llava_fixtures.IMAGE_ID)
+
+  @staticmethod
+  def image(size):
+    del size
+    return True
+
+  @staticmethod
+  def reference_kwargs(model, inputs):
+    del model, inputs
+    return {}
+
+
+FAMILIES = {"qwen": Qwen, "llava": Llava}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+  """(folder, transformers model, family adapter)."""
+  family = FAMILIES[request.param]
+  folder = str(tmp_path_factory.mktemp(f"{request.param}_sampling"))
+  return folder, family.fixtures.write_checkpoint(folder, family.fixtures.tiny_config(),
+                                                  seed=5), family
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])
 def policy(request, checkpoint):
-  return models.load_pretrained(checkpoint[0], scan_layers=request.param)
+  policy = models.load_pretrained(checkpoint[0], scan_layers=request.param)
+  policy.adapter = checkpoint[2]  # the family's test adapter
+  return policy
 
 
-def prompts(seed=0):
+def prompts(family, seed=0):
   rng = np.random.default_rng(seed)
-  # Three prompts of different lengths: two images of different sizes and a text-only row.
-  return batch(rng, [([1, 2, 3, 4, 5], (1, 8, 8)), ([6, 7, 8], (1, 6, 4)),
-                     (list(rng.integers(0, 240, 13)), None)])
+  # Three prompts of different lengths: two images (of different sizes where the family has
+  # them) and a text-only row.
+  return family.fixtures.batch(rng, [([1, 2, 3, 4, 5], family.image(0)),
+                                     ([6, 7, 8], family.image(1)),
+                                     (list(rng.integers(0, 240, 13)), None)])
 
 
-def transformers_greedy(model, inputs, max_new_tokens):
+def transformers_greedy(model, family, inputs, max_new_tokens):
   ids = torch.tensor(inputs["input_ids"], dtype=torch.long)
   kwargs = dict(input_ids=ids, attention_mask=torch.tensor(inputs["attention_mask"]),
                 pixel_values=torch.tensor(inputs["pixel_values"]),
-                image_grid_thw=torch.tensor(inputs["image_grid_thw"]),
-                mm_token_type_ids=(ids == model.config.image_token_id).int())
+                **family.reference_kwargs(model, inputs))
   with torch.no_grad():
     out = model.generate(**kwargs, do_sample=False, max_new_tokens=max_new_tokens,
-                         eos_token_id=EOS, pad_token_id=0, output_scores=True,
+                         eos_token_id=family.eos, pad_token_id=0, output_scores=True,
                          return_dict_in_generate=True)
   tokens = out.sequences[:, ids.shape[1]:].numpy()
   scores = torch.stack(out.scores, dim=1).numpy()  # [B, steps, V]
@@ -49,11 +94,11 @@ def transformers_greedy(model, inputs, max_new_tokens):
 
 
 def test_greedy_tokens_equal_transformers_generate(policy, checkpoint):
-  _, reference = checkpoint
-  inputs = prompts()
+  _, reference, family = checkpoint
+  inputs = prompts(family)
   ours = sampling.generate(policy, policy.params, inputs, jax.random.key(0), max_new_tokens=24,
-                           temperature=0.0, eos_token_ids=(EOS,), forbidden_token_ids=())
-  theirs, scores = transformers_greedy(reference, inputs, 24)
+                           temperature=0.0, eos_token_ids=(family.eos,), forbidden_token_ids=())
+  theirs, scores = transformers_greedy(reference, family, inputs, 24)
   ours_tokens = np.asarray(ours.tokens)
   near_ties = 0
   for row in range(len(theirs)):
@@ -73,10 +118,10 @@ def test_greedy_tokens_equal_transformers_generate(policy, checkpoint):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampler_logprobs_equal_teacher_forced_logprobs(policy, temperature):
-  inputs = prompts(1)
+  inputs = prompts(policy.adapter, 1)
   rollouts = sampling.generate(policy, policy.params, inputs, jax.random.key(1),
                                max_new_tokens=16, num_samples=3, temperature=temperature,
-                               eos_token_ids=(EOS,))
+                               eos_token_ids=(policy.adapter.eos,))
   continuation, prompt_length = scoring.continuation_batch(
       policy, inputs, rollouts.tokens, rollouts.lengths, num_samples=3)
   forced = scoring.continuation_logprobs(policy, policy.params, continuation, prompt_length,
@@ -92,9 +137,10 @@ def test_sampler_logprobs_equal_teacher_forced_logprobs(policy, temperature):
 
 
 def test_rollouts_end_at_eos_then_pad(policy):
-  inputs = prompts(2)
+  inputs = prompts(policy.adapter, 2)
   greedy = sampling.generate(policy, policy.params, inputs, jax.random.key(0), max_new_tokens=6,
-                             temperature=0.0, eos_token_ids=(EOS,), forbidden_token_ids=())
+                             temperature=0.0, eos_token_ids=(policy.adapter.eos,),
+                             forbidden_token_ids=())
   first = int(np.asarray(greedy.tokens)[0, 1])  # make row 0's second token the end
   ended = sampling.generate(policy, policy.params, inputs, jax.random.key(0), max_new_tokens=6,
                             temperature=0.0, eos_token_ids=(first,), forbidden_token_ids=(),
@@ -107,43 +153,46 @@ def test_rollouts_end_at_eos_then_pad(policy):
 
 
 def test_special_tokens_are_never_sampled_even_when_likely(policy):
-  rollouts = sampling.generate(policy, policy.params, prompts(3), jax.random.key(3),
-                               max_new_tokens=48, num_samples=4, temperature=20.0,
-                               eos_token_ids=(EOS,))
+  rollouts = sampling.generate(policy, policy.params, prompts(policy.adapter, 3),
+                               jax.random.key(3), max_new_tokens=48, num_samples=4,
+                               temperature=20.0, eos_token_ids=(policy.adapter.eos,))
   sampled = np.asarray(rollouts.tokens)
-  assert not np.isin(sampled, [250, 251, 252, 253]).any()
+  assert not np.isin(sampled, policy.adapter.specials).any()
   assert len(np.unique(sampled)) > 150  # near-uniform: the ban, not the model, kept them out
 
 
 def test_same_seed_same_rollouts_other_seed_others(policy):
   run = lambda seed: np.asarray(sampling.generate(
-      policy, policy.params, prompts(4), jax.random.key(seed), max_new_tokens=8,
-      num_samples=2, eos_token_ids=(EOS,)).tokens)
+      policy, policy.params, prompts(policy.adapter, 4), jax.random.key(seed), max_new_tokens=8,
+      num_samples=2, eos_token_ids=(policy.adapter.eos,)).tokens)
   np.testing.assert_array_equal(run(11), run(11))
   assert (run(11) != run(12)).any()
 
 
 def test_prompt_lengths_share_one_program(checkpoint):
-  policy = models.load_pretrained(checkpoint[0], scan_layers=False)
+  folder, _, family = checkpoint
+  policy = models.load_pretrained(folder, scan_layers=False)
   rng = np.random.default_rng(5)
   before = sampling.compiled_programs()
   for length in (3, 9, 30):
-    inputs = batch(rng, [(list(rng.integers(0, 240, length)), (1, 4, 4)),
-                         (list(rng.integers(0, 240, length + 2)), (1, 4, 4))])
+    inputs = family.fixtures.batch(rng, [(list(rng.integers(0, 240, length)), family.image(2)),
+                                         (list(rng.integers(0, 240, length + 2)),
+                                          family.image(2))])
     sampling.generate(policy, policy.params, inputs, jax.random.key(0), max_new_tokens=4,
-                      eos_token_ids=(EOS,))
+                      eos_token_ids=(family.eos,))
   assert sampling.compiled_programs() - before == 1
 
 
 def test_sharded_sampling_equals_one_device(checkpoint):
-  folder, _ = checkpoint
+  folder, _, family = checkpoint
   mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharded = models.load_pretrained(folder, mesh=mesh, scan_layers=False)
   single = models.load_pretrained(folder, scan_layers=False)
   rng = np.random.default_rng(6)
-  inputs = batch(rng, [([1, 2, 3], (1, 4, 6)), ([4, 5, 6, 7], (1, 6, 4)), ([8, 9], (1, 4, 4)),
-                       ([10, 11, 12, 13, 14], None)])
-  args = dict(max_new_tokens=10, num_samples=2, temperature=0.8, eos_token_ids=(EOS,))
+  inputs = family.fixtures.batch(rng, [([1, 2, 3], family.image(2)),
+                                       ([4, 5, 6, 7], family.image(1)),
+                                       ([8, 9], family.image(0)), ([10, 11, 12, 13, 14], None)])
+  args = dict(max_new_tokens=10, num_samples=2, temperature=0.8, eos_token_ids=(family.eos,))
   a = sampling.generate(sharded, sharded.params, inputs, jax.random.key(9), **args)
   b = sampling.generate(single, single.params, inputs, jax.random.key(9), **args)
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))

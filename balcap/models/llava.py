@@ -260,9 +260,10 @@ def hf_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _processor_from_pretrained(folder: str, model_config=None):
+  """The folder's tokenizer and image settings; `config.model.pad_to_square` if given."""
   from balcap.processing.llava import LlavaProcessor  # pylint: disable=import-outside-toplevel
-  del model_config
-  return LlavaProcessor.from_pretrained(folder)
+  pad = bool(model_config.get("pad_to_square", False)) if model_config is not None else False
+  return LlavaProcessor.from_pretrained(folder, pad_to_square=pad)
 
 
 def special_token_ids(config: LlavaConfig) -> tuple[int, ...]:

@@ -29,7 +29,7 @@ from balcap.models import hf_io
 # Files that travel with the weights: tokenizer and processor settings.
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "preprocessor_config.json", "chat_template.json",
-                   "generation_config.json", "vocab.json", "merges.txt")
+                   "generation_config.json", "vocab.json", "merges.txt", "processor_config.json")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import transformers
@@ -137,3 +138,34 @@ def test_architecture_round_trips_through_a_config_dict(untied):
   architecture = json.loads(json.dumps(policy.config.architecture()))
   assert llava.LlavaConfig.from_dict(architecture) == policy.config.with_runtime(
       scan_layers=True)
+
+
+# llava-hf/llava-1.5-7b-hf's config.json as published (transformers 4.36 format).
+PUBLISHED_7B = {
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100,
+    "image_token_index": 32000, "model_type": "llava", "pad_token_id": 32001,
+    "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                    "max_position_embeddings": 4096, "model_type": "llama",
+                    "rms_norm_eps": 1e-05, "torch_dtype": "float16", "vocab_size": 32064},
+    "tie_word_embeddings": False, "torch_dtype": "float16",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+                      "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064}
+
+
+def test_llava7b_config_is_the_published_architecture(tmp_path):
+  from testlib import load_config_file  # pylint: disable=import-outside-toplevel
+  (tmp_path / "config.json").write_text(json.dumps(PUBLISHED_7B))
+  published = llava.LlavaConfig.from_hf(transformers.AutoConfig.from_pretrained(str(tmp_path)))
+  ours = models.architecture_from_config(load_config_file("llava7b").model)
+  assert ours.architecture() == published.architecture()
+  assert ours.vision.num_features == 576
+  # 7.06B parameters: Vicuna-7B 6.74B, CLIP ViT-L 0.30B, projector 0.02B (shapes only).
+  from balcap.models import policy  # pylint: disable=import-outside-toplevel
+  boxed, _ = policy._boxed_abstract_params(llava.FAMILY, ours)  # pylint: disable=protected-access
+  sizes = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in boxed.items()}
+  assert sum(sizes.values()) == pytest.approx(7.06e9, rel=0.005), sizes
+  assert sizes["vision_tower"] == pytest.approx(0.3035e9, rel=0.005), sizes

@@ -2,12 +2,14 @@
 and inner passes change how it is computed, never what it computes."""
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from balcap import models, optim, parallel, sampling, scoring, train_state
 from balcap.rl import losses, update
+import llava_fixtures
 from testlib import load_config_file
 
 GROUP = 4
@@ -15,12 +17,31 @@ GROUP = 4
 
 @pytest.fixture(scope="module")
 def rollout_batch(capworld_builder):
-  """(model config, host batch of 4 prompts x G rollouts as numpy, prompt length)."""
+  """(model config, host batch of 4 prompts x G rollouts as numpy, prompt length) of the tiny
+  CapWorld Qwen2.5-VL policy."""
   from balcap.data import datasets  # pylint: disable=import-outside-toplevel
   model_config = load_config_file("tiny").model
-  policy = models.policy_from_config(model_config, jax.random.key(0))
   source = datasets.open_split(capworld_builder, "train")
   images = [Image.fromarray(np.asarray(source[i]["image"])) for i in range(4)]
+  return _rollouts(model_config, images)
+
+
+@pytest.fixture(scope="module")
+def llava_rollout_batch(tmp_path_factory):
+  """The same for a tiny random LLaVA-1.5 checkpoint (with its tokenizer) from transformers."""
+  folder = str(tmp_path_factory.mktemp("llava_update"))
+  llava_fixtures.write_tokenizer(folder)
+  llava_fixtures.write_checkpoint(folder, llava_fixtures.tiny_config(), seed=7)
+  model_config = ml_collections.ConfigDict(dict(
+      load_config_file("tiny").model.to_dict(), checkpoint=folder, tokenizer=folder,
+      architecture={}))  # the architecture is the checkpoint's
+  rng = np.random.default_rng(3)
+  images = [Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), np.uint8)) for i in range(4)]
+  return _rollouts(model_config, images)
+
+
+def _rollouts(model_config, images):
+  policy = models.policy_from_config(model_config, jax.random.key(0))
   chats = policy.processor(prompts=["Describe this image in detail."] * 4, images=images)
   rollouts = sampling.generate(policy, policy.params, chats, jax.random.key(1),
                                max_new_tokens=12, num_samples=GROUP)
@@ -69,7 +90,10 @@ def _assert_params_close(a, b, atol=1e-5):
     np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
-def test_update_on_a_2x2x2_mesh_equals_one_device(rollout_batch):
+@pytest.mark.parametrize("family", ["qwen", "llava"])
+def test_update_on_a_2x2x2_mesh_equals_one_device(request, family):
+  rollout_batch = request.getfixturevalue(
+      "rollout_batch" if family == "qwen" else "llava_rollout_batch")
   single, single_metrics, _ = _updated(rollout_batch, micro_batches=2, kl=True)
   mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharded, sharded_metrics, policy = _updated(rollout_batch, mesh=mesh, micro_batches=2,

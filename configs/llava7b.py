@@ -1,0 +1,40 @@
+"""LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf): the architecture as published, the checkpoint, the mesh.
+
+    python -m balcap.main --config=configs/llava7b.py:hardware=tpu \
+        --config.model.checkpoint=/ckpt/llava-1.5-7b-hf --workdir=gs://bucket/runs/llava7b
+
+`hardware`: `tpu`, `gpu8` or `cpu`, as in configs/qwen7b.py. The architecture below is checked
+against the checkpoint's config.json when both are given. Images are padded to a square with
+the mean colour before CLIP's 336 px resize and crop, as LLaVA-1.5 was trained
+(`config.model.pad_to_square`). RL settings: `configs.paper_rl_settings`; set
+`--config.rewards.openai.base_url=`, `--config.rewards.openai.model=` and your data.
+"""
+
+from balcap import configs
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, mode="train", hardware="tpu")
+  c = configs.base_config()
+  c.mode = arg.mode
+  c.model.checkpoint = ""  # the HF folder of llava-hf/llava-1.5-7b-hf
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat = "full"  # 32 layers of 4096 and 576 image tokens per prompt
+  c.model.pad_to_square = True
+  c.model.architecture = {
+      "family": "llava",
+      # Vicuna-7B v1.5 (LLaMA-2 architecture) with llava-hf's <image> (32000) and <pad> (32001)
+      # rows, padded to 32064.
+      "text": dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                   num_heads=32, num_kv_heads=32, rope_theta=10_000.0, rms_norm_eps=1e-5,
+                   max_position_embeddings=4096, tie_word_embeddings=False),
+      # CLIP ViT-L/14 at 336 px; LLaVA reads the second-to-last block, class token dropped.
+      "vision": dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
+                     image_size=336, patch_size=14, layer_norm_eps=1e-5,
+                     hidden_act="quick_gelu", feature_layer=-2, select_strategy="default"),
+      "image_token_id": 32000, "pad_token_id": 32001, "eos_token_ids": (2,),
+      "projector_act": "gelu", "projector_bias": True,
+  }
+  c.mesh = configs.mesh_preset(arg.hardware)
+  return configs.paper_rl_settings(c)
