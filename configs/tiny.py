@@ -24,8 +24,8 @@ def get_config(arg=None):
   # CapWorld small enough to generate in seconds. 224 px images (64 vision tokens) and at most
   # two objects: the smallest object then fills a whole merged vision token. At 112 px (16
   # tokens) it fills a quarter of one, and a policy trained from scratch in minutes never
-  # starts reading the image (its loss with the images shuffled stays equal to the loss with
-  # them); at 224 px it starts after ~300 SFT steps.
+  # starts reading the image (its validation loss with the images shuffled stays equal to the
+  # loss with them through 400 SFT steps); at 224 px it starts after ~300.
   c.data.capworld.num_train = 4_000
   c.data.capworld.num_validation = 100
   c.data.capworld.num_test = 100
@@ -54,10 +54,10 @@ def get_config(arg=None):
   }
   c.model.max_pixels = 224 * 224
 
-  c.sampling.max_new_tokens = 128
+  c.sampling.max_new_tokens = 96  # references are ~22 words (~30 tokens)
   c.sampling.prompt_bucket = 64
 
-  c.sft.num_steps = 500
+  c.sft.num_steps = 700
   c.sft.batch_size = 16
   c.sft.max_length = 256
   c.sft.optimizer.learning_rate = 2e-3
@@ -73,10 +73,12 @@ def get_config(arg=None):
   vision_rates = (("^visual/merger/", 1.0), ("^visual/", 0.01))
   c.sft.optimizer.learning_rate_multipliers = vision_rates
 
-  c.rl.num_steps = 80
+  c.rl.num_steps = 120
   c.rl.batch_size = 8
   c.rl.group_size = 8
-  c.rl.optimizer.learning_rate = 3e-4
+  # 3e-4 collapses the policy onto one caption for every image within 80 steps; 1e-4 is still
+  # climbing after 150.
+  c.rl.optimizer.learning_rate = 2e-4
   c.rl.optimizer.warmup_steps = 5
   c.rl.optimizer.learning_rate_multipliers = vision_rates
   c.rl.sample_table_every = 20

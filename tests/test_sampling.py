@@ -54,19 +54,34 @@ class Llava:
 FAMILIES = {"qwen": Qwen, "llava": Llava}
 
 
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """family name -> (folder, transformers model, family adapter), written on first use."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      family = FAMILIES[name]
+      folder = str(tmp_path_factory.mktemp(f"{name}_sampling"))
+      cache[name] = (folder, family.fixtures.write_checkpoint(
+          folder, family.fixtures.tiny_config(), seed=5), family)
+    return cache[name]
+  return get
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def checkpoint(request, tmp_path_factory):
-  """(folder, transformers model, family adapter)."""
-  family = FAMILIES[request.param]
-  folder = str(tmp_path_factory.mktemp(f"{request.param}_sampling"))
-  return folder, family.fixtures.write_checkpoint(folder, family.fixtures.tiny_config(),
-                                                  seed=5), family
+def checkpoint(request, checkpoints):
+  return checkpoints(request.param)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])
-def policy(request, checkpoint):
-  policy = models.load_pretrained(checkpoint[0], scan_layers=request.param)
-  policy.adapter = checkpoint[2]  # the family's test adapter
+# Both layer layouts for Qwen; LLaVA shares the decoder code, so one layout suffices there.
+@pytest.fixture(scope="module", params=[("qwen", False), ("qwen", True), ("llava", False)],
+                ids=["qwen-unrolled", "qwen-scanned", "llava-unrolled"])
+def policy(request, checkpoints):
+  name, scan_layers = request.param
+  folder, reference, family = checkpoints(name)
+  policy = models.load_pretrained(folder, scan_layers=scan_layers)
+  policy.adapter, policy.reference = family, reference  # the family's test adapter, transformers
   return policy
 
 
@@ -93,8 +108,8 @@ def transformers_greedy(model, family, inputs, max_new_tokens):
   return tokens, scores
 
 
-def test_greedy_tokens_equal_transformers_generate(policy, checkpoint):
-  _, reference, family = checkpoint
+def test_greedy_tokens_equal_transformers_generate(policy):
+  reference, family = policy.reference, policy.adapter
   inputs = prompts(family)
   ours = sampling.generate(policy, policy.params, inputs, jax.random.key(0), max_new_tokens=24,
                            temperature=0.0, eos_token_ids=(family.eos,), forbidden_token_ids=())

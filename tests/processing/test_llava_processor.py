@@ -103,3 +103,19 @@ def test_bad_inputs_name_the_culprit(processor):
     processor(prompts=["ok"], images=["not an image"])
   with pytest.raises(ValueError, match="different lengths"):
     processor(prompts=["a", "b"], responses=["only one"])
+
+
+def test_a_sentencepiece_only_folder_tokenizes_the_same(folder, processor, tmp_path):
+  """Older LLaMA checkpoints ship `tokenizer.model` without `tokenizer.json`: transformers
+  converts it, with the added `<pad>` and `<image>` from tokenizer_config.json."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  only = tmp_path / "spm_only"
+  shutil.copytree(folder, only)
+  (only / "tokenizer.json").unlink()
+  converted = llava.LlavaProcessor.from_pretrained(str(only))
+  assert converted.token_ids == processor.token_ids
+  prompts = ["Describe this image in detail.", "Hello world! A red circle."]
+  images = [noise_image(30, 30), None]
+  for key in ("input_ids", "attention_mask"):
+    np.testing.assert_array_equal(converted(prompts=prompts, images=images)[key],
+                                  processor(prompts=prompts, images=images)[key])
