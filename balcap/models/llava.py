@@ -28,7 +28,8 @@ MODEL_TYPE = "llava"
 
 
 @dataclasses.dataclass(frozen=True)
-class LlavaConfig:
+class LlavaConfig(policy.TowersConfig):
+  MODEL_TYPE = MODEL_TYPE
   text: QwenLMConfig
   vision: ClipVisionConfig
   image_token_id: int = 32000
@@ -37,34 +38,10 @@ class LlavaConfig:
   projector_act: str = "gelu"
   projector_bias: bool = True
 
-  @property
-  def tie_word_embeddings(self) -> bool:
-    return self.text.tie_word_embeddings
-
   def __post_init__(self):
     layers.activation(self.projector_act)
     if self.text.attention_bias or any(self.text.mrope_section[1:]):
       raise ValueError("LlavaConfig.text must be a LLaMA decoder (llama_lm.llama_config)")
-
-  def with_runtime(self, *, dtype: str | None = None, param_dtype: str | None = None,
-                   remat: str | None = None, scan_layers: bool | None = None) -> LlavaConfig:
-    """The same architecture computing in `dtype`, storing params in `param_dtype`, with the
-    `remat` policy (both towers) and the decoder's layers scanned or not (None keeps)."""
-    changes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype),
-                                 ("remat", remat)) if v}
-    text = dataclasses.replace(self.text, **changes)
-    if scan_layers is not None:
-      text = dataclasses.replace(text, scan_layers=scan_layers)
-    return dataclasses.replace(self, text=text,
-                               vision=dataclasses.replace(self.vision, **changes))
-
-  def architecture(self) -> dict[str, Any]:
-    """The architecture as a plain dict (config files' `model.architecture`), no runtime."""
-    runtime = ("dtype", "param_dtype", "remat", "scan_layers")
-    strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in runtime}
-    return {"family": MODEL_TYPE, "text": strip(self.text), "vision": strip(self.vision),
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("text", "vision")}}
 
   @classmethod
   def from_dict(cls, architecture: dict[str, Any]) -> LlavaConfig:

@@ -32,6 +32,37 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "generation_config.json", "vocab.json", "merges.txt", "processor_config.json")
 
 
+class TowersConfig:
+  """Mixin of the family configs: a dataclass with `text` and `vision` sub-configs (each with
+  dtype, param_dtype, remat; the text one with scan_layers) and the class's MODEL_TYPE."""
+  MODEL_TYPE = ""
+  _RUNTIME = ("dtype", "param_dtype", "remat", "scan_layers")
+
+  def with_runtime(self, *, dtype: str | None = None, param_dtype: str | None = None,
+                   remat: str | None = None, scan_layers: bool | None = None):
+    """The same architecture computing in `dtype`, storing params in `param_dtype`, with the
+    `remat` policy (both towers) and the decoder's layers scanned or not (None keeps)."""
+    changes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype),
+                                 ("remat", remat)) if v}
+    text = dataclasses.replace(self.text, **changes)
+    if scan_layers is not None:
+      text = dataclasses.replace(text, scan_layers=scan_layers)
+    return dataclasses.replace(self, text=text,
+                               vision=dataclasses.replace(self.vision, **changes))
+
+  def architecture(self) -> dict[str, Any]:
+    """The architecture as a plain dict (config files' `model.architecture`), no runtime."""
+    strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items()  # noqa: E731
+                       if k not in self._RUNTIME}
+    return {"family": self.MODEL_TYPE, "text": strip(self.text), "vision": strip(self.vision),
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("text", "vision")}}
+
+  @property
+  def tie_word_embeddings(self) -> bool:
+    return self.text.tie_word_embeddings
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   """What one model family (e.g. Qwen2.5-VL) supplies to the shared policy code."""

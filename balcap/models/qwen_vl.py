@@ -26,7 +26,8 @@ MODEL_TYPE = "qwen2_5_vl"
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenVLConfig:
+class QwenVLConfig(policy.TowersConfig):
+  MODEL_TYPE = MODEL_TYPE
   text: QwenLMConfig
   vision: QwenVisionConfig
   image_token_id: int = 151655
@@ -34,30 +35,6 @@ class QwenVLConfig:
   vision_start_token_id: int = 151652
   vision_end_token_id: int = 151653
   eos_token_ids: tuple[int, ...] = (151645,)
-
-  @property
-  def tie_word_embeddings(self) -> bool:
-    return self.text.tie_word_embeddings
-
-  def with_runtime(self, *, dtype: str | None = None, param_dtype: str | None = None,
-                   remat: str | None = None, scan_layers: bool | None = None) -> QwenVLConfig:
-    """The same architecture computing in `dtype`, storing params in `param_dtype`, with the
-    `remat` policy (both towers) and the decoder's layers scanned or not (None keeps)."""
-    changes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype),
-                                 ("remat", remat)) if v}
-    text = dataclasses.replace(self.text, **changes)
-    if scan_layers is not None:
-      text = dataclasses.replace(text, scan_layers=scan_layers)
-    return dataclasses.replace(self, text=text,
-                               vision=dataclasses.replace(self.vision, **changes))
-
-  def architecture(self) -> dict[str, Any]:
-    """The architecture as a plain dict (config files' `model.architecture`), no runtime."""
-    runtime = ("dtype", "param_dtype", "remat", "scan_layers")
-    strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in runtime}
-    return {"family": MODEL_TYPE, "text": strip(self.text), "vision": strip(self.vision),
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("text", "vision")}}
 
   @classmethod
   def from_dict(cls, architecture: dict[str, Any]) -> QwenVLConfig:

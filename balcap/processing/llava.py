@@ -25,8 +25,8 @@ import numpy as np
 import tokenizers
 from PIL import Image
 
-from balcap.processing.qwen import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _as_image_list, _pad,
-                                    to_rgb)
+from balcap.processing import chat
+from balcap.processing.qwen import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
 
 IMAGE_TOKEN = "<image>"
 _PIL_BICUBIC = 3
@@ -133,7 +133,7 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-class LlavaProcessor:
+class LlavaProcessor(chat.ChatProcessor):
   """Prompts (+ images, + responses) -> LLaVA-1.5 model inputs; token ids -> text."""
 
   def __init__(self, tokenizer: tokenizers.Tokenizer,
@@ -182,23 +182,7 @@ class LlavaProcessor:
     """Batch of conversations -> `input_ids`, `attention_mask` [B, T] int32, and with images
     `pixel_values` [N, 3, S, S] float32 (all images, in prompt order). With `responses`, each
     follows "ASSISTANT:" and ends with `</s>`; `response_mask` [B, T] bool marks those tokens."""
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-      raise TypeError(f"prompts must be a non-empty list of str, got {prompts!r:.80}")
-    if padding_side not in ("left", "right"):
-      raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    for i, prompt in enumerate(prompts):
-      self._check_text(f"prompts[{i}]", prompt)
-    images = [None] * len(prompts) if images is None else images
-    if len(images) != len(prompts):
-      raise ValueError(f"prompts and images have different lengths ({len(prompts)} vs "
-                       f"{len(images)})")
-    if responses is not None:
-      if len(responses) != len(prompts):
-        raise ValueError(f"prompts and responses have different lengths ({len(prompts)} vs "
-                         f"{len(responses)})")
-      for i, response in enumerate(responses):
-        self._check_text(f"responses[{i}]", response)
-    images = [_as_image_list(entry, i) for i, entry in enumerate(images)]
+    images = self.check_request(prompts, images, padding_side, responses)
 
     rows, masks, pixels = [], [], []
     for i, prompt in enumerate(prompts):
@@ -219,26 +203,9 @@ class LlavaProcessor:
       rows.append(ids + response)
       masks.append([False] * len(ids) + [True] * len(response))
 
-    out = _pad(rows, masks, self.token_ids.pad_id, padding_side)
+    out = chat.pad_rows(rows, masks, self.token_ids.pad_id, padding_side)
     if responses is None:
       del out["response_mask"]
     if pixels:
       out["pixel_values"] = np.stack(pixels)
     return out
-
-  def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
-    """Token ids [T] -> text; by default without special tokens (pads, </s>, <image>)."""
-    return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)],
-                                 skip_special_tokens=skip_special_tokens)
-
-  def batch_decode(self, ids: Sequence[Sequence[int]] | np.ndarray,
-                   skip_special_tokens: bool = True) -> list[str]:
-    return [self.decode(row, skip_special_tokens) for row in ids]
-
-  def _check_text(self, where: str, text: Any):
-    if not isinstance(text, str):
-      raise TypeError(f"{where} is a {type(text).__name__}, expected str")
-    found = [s for s in self._special_strings if s in text]
-    if found:
-      raise ValueError(f"{where} contains the special token {found[0]!r}; the processor adds "
-                       "special tokens itself")

@@ -24,6 +24,8 @@ import numpy as np
 import tokenizers
 from PIL import Image
 
+from balcap.processing import chat
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 VISION_START = "<|vision_start|>"
@@ -208,20 +210,7 @@ def chat_segments(prompt: str, num_images: int, system_prompt: str) -> list[str]
           IM_START, "assistant\n"]
 
 
-def _as_image_list(entry: Any, index: int) -> list[Image.Image]:
-  """images[index] (an image, a list of images or None) as a list, or an error naming it."""
-  if entry is None or isinstance(entry, Image.Image):
-    return [] if entry is None else [entry]
-  if not isinstance(entry, (list, tuple)):
-    raise TypeError(f"images[{index}] is a {type(entry).__name__}; expected a PIL image, a list "
-                    "of them, or None")
-  for j, image in enumerate(entry):
-    if not isinstance(image, Image.Image):
-      raise TypeError(f"images[{index}][{j}] is a {type(image).__name__}; expected a PIL image")
-  return list(entry)
-
-
-class QwenProcessor:
+class QwenProcessor(chat.ChatProcessor):
   """Prompts (+ images, + responses) -> Qwen2.5-VL model inputs; token ids -> text."""
 
   def __init__(self, tokenizer: tokenizers.Tokenizer,
@@ -231,8 +220,6 @@ class QwenProcessor:
     self.image_config = image_config
     self.system_prompt = system_prompt
     self.token_ids = QwenTokenIds.from_tokenizer(tokenizer)
-    # Text holding one of these would render as the token itself and break the chat structure
-    # (an extra <|image_pad|> would even misalign the image features); such text is refused.
     self._special_strings = tuple(t.content for t in tokenizer.get_added_tokens_decoder().values()
                                   if t.special)
     self._check_text("system_prompt", system_prompt)
@@ -262,23 +249,7 @@ class QwenProcessor:
     prompt order). `images[i]` belongs to `prompts[i]`. With `responses`, each is appended after
     the assistant opener with `<|im_end|>`, and `response_mask` [B, T] bool marks those tokens.
     """
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-      raise TypeError(f"prompts must be a non-empty list of str, got {prompts!r:.80}")
-    if padding_side not in ("left", "right"):
-      raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    for i, prompt in enumerate(prompts):
-      self._check_text(f"prompts[{i}]", prompt)
-    images = [None] * len(prompts) if images is None else images
-    if len(images) != len(prompts):
-      raise ValueError(f"prompts and images have different lengths ({len(prompts)} vs "
-                       f"{len(images)})")
-    if responses is not None:
-      if len(responses) != len(prompts):
-        raise ValueError(f"prompts and responses have different lengths ({len(prompts)} vs "
-                         f"{len(responses)})")
-      for i, response in enumerate(responses):
-        self._check_text(f"responses[{i}]", response)
-    images = [_as_image_list(entry, i) for i, entry in enumerate(images)]
+    images = self.check_request(prompts, images, padding_side, responses)
 
     rows, masks, patches, grids = [], [], [], []
     for i, prompt in enumerate(prompts):
@@ -301,31 +272,13 @@ class QwenProcessor:
       rows.append(ids + response)
       masks.append([False] * len(ids) + [True] * len(response))
 
-    out = _pad(rows, masks, self.token_ids.pad_id, padding_side)
+    out = chat.pad_rows(rows, masks, self.token_ids.pad_id, padding_side)
     if responses is None:
       del out["response_mask"]
     if grids:
       out["pixel_values"] = np.concatenate(patches)
       out["image_grid_thw"] = np.stack(grids)
     return out
-
-  def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
-    """Token ids [T] -> text; by default without special tokens (pads, <|im_end|>, ...)."""
-    return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)],
-                                 skip_special_tokens=skip_special_tokens)
-
-  def batch_decode(self, ids: Sequence[Sequence[int]] | np.ndarray,
-                   skip_special_tokens: bool = True) -> list[str]:
-    """Token ids [B, T] -> B texts."""
-    return [self.decode(row, skip_special_tokens) for row in ids]
-
-  def _check_text(self, where: str, text: Any):
-    if not isinstance(text, str):
-      raise TypeError(f"{where} is a {type(text).__name__}, expected str")
-    found = [s for s in self._special_strings if s in text]
-    if found:
-      raise ValueError(f"{where} contains the special token {found[0]!r}; the processor adds "
-                       "special tokens itself")
 
   def _encode_segments(self, segments: list[str], image_pads: list[int]) -> list[int]:
     """Chat segments -> ids: specials by id, image pad i repeated image_pads[i] times."""
@@ -341,19 +294,3 @@ class QwenProcessor:
       elif segment:
         ids += self.tokenizer.encode(segment, add_special_tokens=False).ids
     return ids
-
-
-def _pad(rows: list[list[int]], masks: list[list[bool]], pad_id: int,
-         side: str) -> dict[str, np.ndarray]:
-  """Ragged rows -> `input_ids`, `attention_mask` [B, T] int32 and `response_mask` [B, T] bool."""
-  length = max(len(row) for row in rows)
-  input_ids = np.full((len(rows), length), pad_id, np.int32)
-  attention_mask = np.zeros((len(rows), length), np.int32)
-  response_mask = np.zeros((len(rows), length), bool)
-  for b, (row, mask) in enumerate(zip(rows, masks)):
-    span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
-    input_ids[b, span] = row
-    attention_mask[b, span] = 1
-    response_mask[b, span] = mask
-  return {"input_ids": input_ids, "attention_mask": attention_mask,
-          "response_mask": response_mask}
