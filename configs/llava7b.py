@@ -37,4 +37,9 @@ def get_config(arg=None):
       "projector_act": "gelu", "projector_bias": True,
   }
   c.mesh = configs.mesh_preset(arg.hardware)
-  return configs.paper_rl_settings(c)
+  c = configs.paper_rl_settings(c)
+  # CLIP's last block and pooler norm are loaded and saved but never used (features come from
+  # block 22): frozen, they keep their checkpoint values and carry no Adam state (~50M params).
+  unused = (r"^vision_tower/layers_23/", r"^vision_tower/post_layernorm/")
+  c.sft.optimizer.freeze = c.rl.optimizer.freeze = unused
+  return c

@@ -160,7 +160,8 @@ def test_llava7b_config_is_the_published_architecture(tmp_path):
   from testlib import load_config_file  # pylint: disable=import-outside-toplevel
   (tmp_path / "config.json").write_text(json.dumps(PUBLISHED_7B))
   published = llava.LlavaConfig.from_hf(transformers.AutoConfig.from_pretrained(str(tmp_path)))
-  ours = models.architecture_from_config(load_config_file("llava7b").model)
+  config = load_config_file("llava7b")
+  ours = models.architecture_from_config(config.model)
   assert ours.architecture() == published.architecture()
   assert ours.vision.num_features == 576
   # 7.06B parameters: Vicuna-7B 6.74B, CLIP ViT-L 0.30B, projector 0.02B (shapes only).
@@ -169,3 +170,12 @@ def test_llava7b_config_is_the_published_architecture(tmp_path):
   sizes = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in boxed.items()}
   assert sum(sizes.values()) == pytest.approx(7.06e9, rel=0.005), sizes
   assert sizes["vision_tower"] == pytest.approx(0.3035e9, rel=0.005), sizes
+  # The config's frozen groups are CLIP's unused last block and pooler norm, and nothing else.
+  from balcap import optim  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  labels = optim.freeze_labels(nn.unbox(boxed), tuple(config.rl.optimizer.freeze))
+  frozen = [optim.param_path(p) for p, label in jax.tree_util.tree_leaves_with_path(labels)
+            if label == "frozen"]
+  # 16 tensors of the block (4 attention + 2 MLP projections, 2 norms, each weight + bias), 2 of
+  # the norm.
+  assert len(frozen) == 18 and all("layers_23/" in p or "post_layernorm" in p for p in frozen)
