@@ -179,3 +179,45 @@ def test_llava7b_config_is_the_published_architecture(tmp_path):
   # 16 tensors of the block (4 attention + 2 MLP projections, 2 norms, each weight + bias), 2 of
   # the norm.
   assert len(frozen) == 18 and all("layers_23/" in p or "post_layernorm" in p for p in frozen)
+
+
+def test_bfloat16_logits_stay_close_to_float32(untied):
+  folder, reference, _ = untied
+  policy = models.load_pretrained(folder, dtype="bfloat16")
+  assert policy.params["vision_tower"]["patch_embedding"]["kernel"].dtype == jax.numpy.bfloat16
+  rng = np.random.default_rng(8)
+  inputs = batch(rng, [([1, 2, 3, 4, 5, 6], True), ([7, 8, 9], True)], padding_side="right")
+  real = inputs["attention_mask"].astype(bool)
+  ours = np.asarray(policy.apply(policy.params, inputs))[real]
+  theirs = reference_logits(reference, inputs)[real]
+  # bf16 keeps 8 bits of mantissa: logits move by a few 1e-2 of their scale through CLIP,
+  # the projector and 2 decoder layers.
+  scale = np.abs(theirs).max()
+  assert np.abs(ours - theirs).max() <= 0.03 * scale
+  assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+
+
+def test_remat_changes_memory_not_gradients(untied):
+  _, _, policy = untied
+  rng = np.random.default_rng(9)
+  inputs = policy.prepare(batch(rng, [([1, 2, 3], True)]))
+  inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids",
+                                   "pixel_values")}
+
+  def grads(remat):
+    module = llava.Llava(policy.config.with_runtime(remat=remat))
+    loss = lambda p: module.apply({"params": p}, **inputs).sum()  # noqa: E731
+    return jax.jit(jax.grad(loss))(policy.params)
+
+  plain, remat = grads("none"), grads("full")
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # float reassociation only
+
+
+def test_init_random_writes_a_checkpoint_transformers_reads_identically(tmp_path):
+  config = llava.LlavaConfig.from_hf(tiny_config())
+  policy = models.init_random(config, jax.random.key(3))
+  policy.save_pretrained(str(tmp_path / "random"))
+  theirs = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "random"))
+  rng = np.random.default_rng(10)
+  assert_logits_match(policy, theirs.eval(), batch(rng, [([1, 2, 3, 4], True)]))

@@ -89,7 +89,7 @@ def test_remat_changes_memory_not_results():
     run = lambda m, i, p, k: m(m.embed(i), p, k)
     params = nn.unbox(model.init(jax.random.key(0), ids, positions, mask, method=run))
     loss = lambda p: jnp.mean(model.apply(p, ids, positions, mask, method=run) ** 2)
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
   reference = loss_and_grads("none")
   for policy in ("full", "dots"):
