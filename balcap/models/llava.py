@@ -22,7 +22,7 @@ from balcap.models import clip_vision, layers, llama_lm, policy
 from balcap.models.clip_vision import ClipVisionConfig, ClipVisionTower
 from balcap.models.hf_io import Rule
 from balcap.models.qwen2_lm import QwenLM, QwenLMConfig
-from balcap.models.qwen_vl import _construct, continuation_positions, scatter_image_features
+from balcap.models.qwen_vl import continuation_positions, scatter_image_features
 
 MODEL_TYPE = "llava"
 
@@ -53,14 +53,14 @@ class LlavaConfig(policy.TowersConfig):
     if text is None:
       raise KeyError("the architecture has no 'text' section")
     if "mrope_section" in text:
-      text = _construct(QwenLMConfig, text, "text")
+      text = policy.construct_config(QwenLMConfig, text, "text")
     else:
       try:
         text = llama_lm.llama_config(**text)
       except TypeError as e:
         raise KeyError(f"text: {e}") from e
-    vision = _construct(ClipVisionConfig, architecture.pop("vision", None), "vision")
-    return _construct(cls, {**architecture, "text": text, "vision": vision}, "")
+    vision = policy.construct_config(ClipVisionConfig, architecture.pop("vision", None), "vision")
+    return policy.construct_config(cls, {**architecture, "text": text, "vision": vision}, "")
 
   @classmethod
   def from_hf(cls, hf_config) -> LlavaConfig:

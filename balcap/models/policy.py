@@ -63,6 +63,23 @@ class TowersConfig:
     return self.text.tie_word_embeddings
 
 
+def construct_config(config_class, values: dict[str, Any] | None, where: str):
+  """config_class(**values) with sequences as tuples, and errors that name the field: how
+  family configs build their sections from an architecture dict (`from_dict`)."""
+  if values is None:
+    raise KeyError(f"the architecture has no '{where}' section")
+  fields = {f.name for f in dataclasses.fields(config_class)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise KeyError(f"{where + '.' if where else ''}{unknown[0]} is not a field of "
+                   f"{config_class.__name__} (fields: {sorted(fields)})")
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+  try:
+    return config_class(**values)
+  except TypeError as e:  # a required field is missing
+    raise KeyError(f"{where or 'architecture'}: {e}") from e
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   """What one model family (e.g. Qwen2.5-VL) supplies to the shared policy code."""

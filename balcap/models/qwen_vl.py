@@ -40,9 +40,9 @@ class QwenVLConfig(policy.TowersConfig):
   def from_dict(cls, architecture: dict[str, Any]) -> QwenVLConfig:
     """The inverse of `architecture()`; unknown or missing fields are named."""
     architecture = {k: v for k, v in architecture.items() if k != "family"}
-    text = _construct(QwenLMConfig, architecture.pop("text", None), "text")
-    vision = _construct(QwenVisionConfig, architecture.pop("vision", None), "vision")
-    top = _construct(cls, {**architecture, "text": text, "vision": vision}, "")
+    text = policy.construct_config(QwenLMConfig, architecture.pop("text", None), "text")
+    vision = policy.construct_config(QwenVisionConfig, architecture.pop("vision", None), "vision")
+    top = policy.construct_config(cls, {**architecture, "text": text, "vision": vision}, "")
     return top
 
   @classmethod
@@ -86,22 +86,6 @@ class QwenVLConfig(policy.TowersConfig):
         vision_start_token_id=self.vision_start_token_id,
         vision_end_token_id=self.vision_end_token_id,
         tie_word_embeddings=t.tie_word_embeddings, dtype=t.param_dtype)
-
-
-def _construct(config_class, values: dict[str, Any] | None, where: str):
-  """config_class(**values) with sequences as tuples, and errors that name the field."""
-  if values is None:
-    raise KeyError(f"the architecture has no '{where}' section")
-  fields = {f.name for f in dataclasses.fields(config_class)}
-  unknown = sorted(set(values) - fields)
-  if unknown:
-    raise KeyError(f"{where + '.' if where else ''}{unknown[0]} is not a field of "
-                   f"{config_class.__name__} (fields: {sorted(fields)})")
-  values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-  try:
-    return config_class(**values)
-  except TypeError as e:  # a required field is missing
-    raise KeyError(f"{where or 'architecture'}: {e}") from e
 
 
 def scatter_image_features(embeddings: jax.Array, is_image: jax.Array, features: jax.Array,
