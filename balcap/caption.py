@@ -7,6 +7,9 @@
 Each line is {"id", "caption", "num_tokens"} (tokens of the caption, the end token excluded).
 An image that cannot be read gets {"id", "error"} instead and the run goes on. With several
 hosts each writes its own share to `<output>.process<i>` (no cross-host file writes).
+Batches are always full (`config.batch_size` over the hosts): a short last batch and
+unreadable images are padded, so every batch divides over the mesh's data shards and every
+host runs the same programs.
 """
 
 from __future__ import annotations
@@ -24,23 +27,27 @@ from balcap.data import datasets, pipeline
 from balcap.evals import captioning
 
 
-def _image_batches(paths: list[str], batch_size: int) -> Iterator[list[tuple[str, Any]]]:
-  """(id, PIL image or error string) in batches; a file that cannot be decoded is an error."""
-  batch = []
-  for path in paths:
-    try:
-      with Image.open(path) as image:
-        batch.append((path, image.convert("RGB")))
-    except (OSError, ValueError) as e:
-      batch.append((path, f"cannot read image: {e}"))
-    if len(batch) == batch_size:
-      yield batch
-      batch = []
-  if batch:
-    yield batch
+# One row of a caption batch: (id, PIL image or the reason it could not be read); id None
+# marks a padding row.
+Row = tuple[Any, Any]
 
 
-def _split_batches(config, batch_size: int) -> tuple[Iterator[list[tuple[str, Any]]], int]:
+def _image_batches(paths: list[str], batch_size: int, per_host: int) -> Iterator[list[Row]]:
+  """This host's images in full batches: `ceil(per_host / batch_size)` of them on every host
+  (short ones padded with id None), so each batch divides over the data shards and every host
+  runs the same programs. A file that cannot be decoded is an error row."""
+  for start in range(0, -(-per_host // batch_size) * batch_size, batch_size):
+    batch: list[Row] = []
+    for path in paths[start:start + batch_size]:
+      try:
+        with Image.open(path) as image:
+          batch.append((path, image.convert("RGB")))
+      except (OSError, ValueError) as e:
+        batch.append((path, f"cannot read image: {e}"))
+    yield batch + [(None, None)] * (batch_size - len(batch))
+
+
+def _split_batches(config, batch_size: int) -> tuple[Iterator[list[Row]], int]:
   builder = datasets.prepare(config.data)
   source = datasets.open_split(builder, config.caption.split or config.data.test_split)
   total = len(source)
@@ -49,10 +56,18 @@ def _split_batches(config, batch_size: int) -> tuple[Iterator[list[tuple[str, An
     total = len(source)
 
   def batches():
-    for batch in pipeline.eval_batches(source, batch_size=batch_size):
-      yield [(i, Image.fromarray(np.asarray(image))) for i, image, real in
-             zip(batch["id"], batch["image"], batch["mask"]) if real]
+    for batch in pipeline.eval_batches(source, batch_size=batch_size):  # padded, masked
+      yield [(i if real else None, Image.fromarray(np.asarray(image))) for i, image, real in
+             zip(batch["id"], batch["image"], batch["mask"])]
   return batches(), -(-total // jax.process_count())
+
+
+def _sampler_images(batch: list[Row]) -> list[Image.Image]:
+  """A full batch of images for the sampler: unreadable and padding rows take a readable
+  image of the batch (or a grey one) and their captions are dropped."""
+  readable = [image for _, image in batch if isinstance(image, Image.Image)]
+  filler = readable[0] if readable else Image.new("RGB", (224, 224), (128, 128, 128))
+  return [image if isinstance(image, Image.Image) else filler for _, image in batch]
 
 
 def caption_rows(policy, images: list[Image.Image], config, rng: jax.Array) -> list[dict]:
@@ -76,7 +91,8 @@ def run(config, workdir: str, images: list[str] | None = None) -> str:
   batch_size = parallel.host_batch_size(config.batch_size)
   if images:
     shard = images[jax.process_index()::jax.process_count()]
-    batches, total = _image_batches(shard, batch_size), len(shard)
+    total = -(-len(images) // jax.process_count())  # the largest host's share
+    batches = _image_batches(shard, batch_size, total)
   else:
     batches, total = _split_batches(config, batch_size)
   output = config.caption.output or os.path.join(workdir, "captions.jsonl")
@@ -87,17 +103,17 @@ def run(config, workdir: str, images: list[str] | None = None) -> str:
   rng = jax.random.key(config.seed)
   with open(output, "w", encoding="utf-8") as f:
     for number, batch in enumerate(batches):
-      readable = [k for k, (_, image) in enumerate(batch) if not isinstance(image, str)]
-      entries = [{"error": image} for _, image in batch]  # replaced below where readable
-      if readable:
-        rows = caption_rows(policy, [batch[k][1] for k in readable], config,
-                            jax.random.fold_in(rng, number))
-        for k, row in zip(readable, rows):
-          entries[k] = row
-      for (example_id, _), entry in zip(batch, entries):
+      # Every batch is sampled, even one with nothing readable: the other hosts' rows are in
+      # the same programs.
+      rows = caption_rows(policy, _sampler_images(batch), config,
+                          jax.random.fold_in(rng, number))
+      for (example_id, image), row in zip(batch, rows):
+        if example_id is None:
+          continue
+        entry = row if isinstance(image, Image.Image) else {"error": image}
         f.write(json.dumps({"id": str(example_id), **entry}) + "\n")
       f.flush()
-      bar.update(len(batch))
+      bar.update(sum(example_id is not None for example_id, _ in batch))
   bar.close()
   if jax.process_index() == 0:
     print(f"caption: {total} images -> {output}", flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import os
 from typing import Any
 
 import ml_collections
@@ -476,7 +477,30 @@ def _model_problems(model, needs_model: bool) -> list[str]:
   elif needs_model and not model.checkpoint:
     problems.append("config.model: neither checkpoint nor architecture is set; give an HF "
                     "folder in config.model.checkpoint or an architecture to initialise")
+  if needs_model and model.checkpoint:
+    problems += checkpoint_folder_problems(model.checkpoint, "config.model.checkpoint")
   return problems
+
+
+def checkpoint_folder_problems(folder: str, field: str) -> list[str]:
+  """What keeps `folder` from being an HF checkpoint (config.json + safetensors weights):
+  found here, before a data set is prepared or a program compiled, not after."""
+  if "://" in folder:  # a remote path (gs://...): the loader reports what it cannot read
+    return []
+  if not os.path.isdir(folder):
+    return [f"{field}={folder!r} is not a folder; give an HF checkpoint folder (config.json "
+            "and *.safetensors), e.g. a download of Qwen/Qwen2.5-VL-7B-Instruct"]
+  names = os.listdir(folder)
+  missing = []
+  if "config.json" not in names:
+    missing.append("config.json")
+  if not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
+             for n in names):
+    missing.append("weights (*.safetensors or model.safetensors.index.json)")
+  if missing:
+    return [f"{field}={folder!r} has no {' and no '.join(missing)}; it must be an HF "
+            "checkpoint folder"]
+  return []
 
 
 def _sampling_problems(sampling) -> list[str]:
@@ -509,8 +533,18 @@ def _reward_problems(config) -> list[str]:
   if rewards.judge == "openai" and not (rewards.openai.base_url and rewards.openai.model):
     problems.append("config.rewards.judge='openai' needs config.rewards.openai.base_url and "
                     "config.rewards.openai.model")
+  key_env = rewards.openai.api_key_env
+  if (rewards.judge == "openai" and config.mode == "train" and key_env
+      and not os.environ.get(key_env)):
+    # Found now, not when the judge is built after the SFT stage.
+    problems.append(f"config.rewards.openai.api_key_env={key_env!r}: the environment variable "
+                    f"{key_env} (the judge's API key) is not set; set it, or set api_key_env='' "
+                    "for a server that takes no key")
   if rewards.judge == "local" and not rewards.local.checkpoint:
     problems.append("config.rewards.judge='local' needs config.rewards.local.checkpoint")
+  elif rewards.judge == "local":
+    problems += checkpoint_folder_problems(rewards.local.checkpoint,
+                                           "config.rewards.local.checkpoint")
   if rewards.length_unit not in ("words", "tokens"):
     problems.append(f"config.rewards.length_unit={rewards.length_unit!r}: use words or tokens")
   from balcap.rl import advantages  # pylint: disable=import-outside-toplevel

@@ -9,10 +9,11 @@ strategy means changing the mesh shape or this table, never model code.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -248,6 +249,34 @@ def host_max(value: int) -> int:
     return int(value)
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def host_any(flags: Sequence[bool]) -> list[bool]:
+  """Each flag OR-ed over all hosts (one host: the flags): decisions every host must share."""
+  if jax.process_count() == 1:
+    return [bool(f) for f in flags]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32).reshape(-1))
+  return [bool(f) for f in np.asarray(gathered).reshape(jax.process_count(), -1).max(axis=0)]
+
+
+def host_union(names: Sequence[str]) -> list[str]:
+  """The sorted union of every host's `names` (one host: its own, sorted)."""
+  if jax.process_count() == 1:
+    return sorted(set(names))
+  # JSON escapes newlines, so one line per host survives the byte concatenation.
+  encoded = np.frombuffer((json.dumps(sorted(set(names))) + "\n").encode(), np.uint8)
+  whole, _ = host_concat(encoded)
+  return sorted({name for line in whole.tobytes().decode().splitlines()
+                 for name in json.loads(line)})
+
+
+def host_rows_multiple(mesh: Mesh | None) -> int:
+  """What each host's rows of a batch must be a multiple of, for the global batch to split
+  over the mesh's batch axes (1 without a mesh)."""
+  if mesh is None:
+    return 1
+  return max(1, _axes_size(mesh, BATCH_AXES) // jax.process_count())
 
 
 def host_concat(array: np.ndarray) -> tuple[np.ndarray, int]:

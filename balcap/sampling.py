@@ -316,8 +316,10 @@ def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
 
 def generate_prepared(policy, params: Any, inputs: dict[str, Any], start: np.ndarray,
                       rng: jax.Array, spec: SamplingParams) -> Rollouts:
-  """`generate` on prompts already prepared (`prepare_prompts`) and placed on the devices:
-  the learner prepares once and reuses the prompts for scoring."""
+  """`generate` on prompts already prepared (`prepare_prompts`) and placed on the devices.
+
+  (The learner calls this, then prepares the same prompts again for teacher-forced scoring in
+  `scoring.continuation_batch`: one preparation per step is the RL-step data-flow work.)"""
   signature = (spec, tuple((jax.tree_util.keystr(path), np.shape(leaf))
                            for path, leaf in jax.tree_util.tree_leaves_with_path(inputs)))
   if signature not in _COMPILED_SHAPES:

@@ -99,7 +99,10 @@ def make_step(module, optimizer: optax.GradientTransformation, mesh):
 
 def run(config, workdir: str, policy=None) -> loop.LoopResult:
   """SFT for config.sft.num_steps steps (resuming workdir's checkpoints); returns the loop's
-  result, whose state["params"] are the warm-started policy's."""
+  result, whose state["params"] are the warm-started policy's.
+
+  A given `policy` is trained in place: its params are donated to the first step (their
+  buffers are deleted), and on return `policy.params` are the trained ones."""
   from balcap import models  # pylint: disable=import-outside-toplevel
   mesh = parallel.make_mesh(config.mesh)
   if policy is None:
@@ -125,6 +128,8 @@ def run(config, workdir: str, policy=None) -> loop.LoopResult:
 
   loop_config = config.copy_and_resolve_references()
   loop_config.num_steps = sft.num_steps
-  return loop.run(workdir=workdir, config=loop_config,
-                  state=train_state.initial_state(policy, optimizer, config.seed), data_iterator=iterator,
-                  step_fn=step_fn, description="sft")
+  result = loop.run(workdir=workdir, config=loop_config,
+                    state=train_state.initial_state(policy, optimizer, config.seed),
+                    data_iterator=iterator, step_fn=step_fn, description="sft")
+  policy.params = result.state["params"]  # the donated buffers are gone: hand over the new
+  return result

@@ -48,8 +48,7 @@ def run(config, workdir: str) -> dict:
 
   stage_started = time.time()
   if config.sft.num_steps > 0:
-    result = sft.run(config, os.path.join(workdir, "sft"), policy)
-    policy.params = result.state["params"]
+    result = sft.run(config, os.path.join(workdir, "sft"), policy)  # trains policy in place
     report(f"[2/5] SFT: {result.step}/{config.sft.num_steps} steps on "
            f"{config.sft.target} captions in {time.time() - stage_started:.0f}s"
            + (f" (resumed from step {result.resumed_from})" if result.resumed_from else ""))

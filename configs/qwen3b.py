@@ -1,6 +1,6 @@
 """Qwen2.5-VL-3B-Instruct: the architecture as published, the checkpoint, the mesh.
 
-    python -m balcap.main --config=configs/qwen7b.py:hardware=tpu \
+    python -m balcap.main --config=configs/qwen3b.py:hardware=tpu \
         --config.model.checkpoint=/ckpt/Qwen2.5-VL-3B-Instruct --workdir=gs://bucket/runs/3b
 
 `hardware`: `tpu` (a TPU v5e / v4 pod slice: every chip one FSDP shard) or `gpu8` (one host

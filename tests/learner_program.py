@@ -6,7 +6,8 @@ subprocesses they kill, resume or split over hosts.
 
 `one_step` is one RL step on the first 2 training examples, each host taking its share, so
 1 host and 2 hosts see the same global batch. Prints `PARAMS <sha256 of every parameter's
-bytes>` at the end: two runs agree bitwise iff their final params do.
+bytes>` at the end: two runs agree bitwise iff their final params do; a whole run also prints
+`POLICY <digest>` of the policy object it trained (the same params, handed back).
 """
 
 import hashlib
@@ -57,7 +58,7 @@ def _setup(workdir: str, tfds_dir: str, num_steps: int):
 
 def run(workdir: str, tfds_dir: str, num_steps: int):
   config, policy, reward = _setup(workdir, tfds_dir, num_steps)
-  return learner.run(config, workdir, policy, reward)
+  return learner.run(config, workdir, policy, reward), policy
 
 
 def one_step(workdir: str, tfds_dir: str):
@@ -81,7 +82,9 @@ if __name__ == "__main__":
     print("RESULT", float(logged["advantage/abs_mean"]), int(final["step"]), flush=True)
     params = final["params"]
   else:
-    result = run(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    result, trained = run(sys.argv[1], sys.argv[2], int(sys.argv[3]))
     print("RESULT", result.resumed_from, result.step, flush=True)
     params = result.state["params"]
+    # The caller's policy holds the trained params (its own were donated to the update).
+    print("POLICY", params_digest(trained.params), flush=True)
   print("PARAMS", params_digest(params), flush=True)

@@ -27,9 +27,9 @@ def tiny_checkpoint(tmp_path_factory):
   return folder
 
 
-def balcap_caption(tmp_path, checkpoint, *args):
+def balcap_caption(tmp_path, checkpoint, *args, devices=1):
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"),
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   return subprocess.run(
       [sys.executable, "-m", "balcap.main", "--config=configs/tiny.py:mode=caption",
        f"--config.model.checkpoint={checkpoint}", f"--workdir={tmp_path / 'run'}",
@@ -65,3 +65,33 @@ def test_a_data_split_is_captioned(tmp_path, tiny_checkpoint):
   lines = [json.loads(l) for l in (tmp_path / "run" / "captions.jsonl").read_text().splitlines()]
   assert len(lines) == 3 and all(l["id"].startswith("capworld-test-") for l in lines)
   assert all("caption" in l for l in lines)
+
+
+def test_batches_that_do_not_divide_over_eight_data_shards_are_padded(tmp_path,
+                                                                      tiny_checkpoint):
+  # 8 devices, mesh data=8, batch 8: 11 images (one unreadable) make a first batch of 7
+  # readable images and a last batch of 3; both must be padded to 8 to split over the shards.
+  rng = np.random.default_rng(1)
+  paths = []
+  for k in range(11):
+    path = tmp_path / f"img{k}.png"
+    if k == 4:
+      path.write_bytes(b"\x89PNG truncated")
+    else:
+      Image.fromarray(rng.integers(0, 256, (56 + 28 * (k % 3), 84, 3), np.uint8)).save(path)
+    paths.append(str(path))
+  done = balcap_caption(tmp_path, tiny_checkpoint, f"--images={','.join(paths)}",
+                        "--config.batch_size=8", devices=8)
+  assert done.returncode == 0, done.stderr
+  lines = [json.loads(l) for l in (tmp_path / "run" / "captions.jsonl").read_text().splitlines()]
+  assert [l["id"] for l in lines] == paths  # no padding row written
+  assert "cannot read image" in lines[4]["error"]
+  assert all("caption" in l for k, l in enumerate(lines) if k != 4)
+  # A split whose size does not divide either (3 test examples, batch 8).
+  done = balcap_caption(tmp_path, tiny_checkpoint, "--config.caption.num_examples=3",
+                        "--config.batch_size=8", "--config.data.capworld.num_train=4",
+                        "--config.data.capworld.num_validation=2",
+                        "--config.data.capworld.num_test=5", devices=8)
+  assert done.returncode == 0, done.stderr
+  lines = [json.loads(l) for l in (tmp_path / "run" / "captions.jsonl").read_text().splitlines()]
+  assert len(lines) == 3 and all("caption" in l for l in lines)

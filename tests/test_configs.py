@@ -100,13 +100,17 @@ def test_sft_settings_are_checked_only_where_sft_runs():
   configs.validate(config, num_devices=8)
 
 
-def test_model_configs_validate_on_their_hardware():
+def test_model_configs_validate_on_their_hardware(monkeypatch):
   assert load_config_file("qwen7b", "hardware=tpu").mesh.fsdp == -1
   for name in ("qwen3b", "qwen7b", "llava7b"):
     config = load_config_file(name, "hardware=gpu8")
     with pytest.raises(configs.ConfigError, match="needs config.rewards.openai.base_url"):
       configs.validate(config, num_devices=8)  # a real run must name its judge
     config.rewards.openai.base_url, config.rewards.openai.model = "http://judge:8000", "judge"
+    monkeypatch.delenv("JUDGE_API_KEY", raising=False)
+    with pytest.raises(configs.ConfigError, match="JUDGE_API_KEY .* is not set"):
+      configs.validate(config, num_devices=8)  # found before SFT, not after
+    monkeypatch.setenv("JUDGE_API_KEY", "secret")
     configs.validate(config, num_devices=8)
   with pytest.raises(configs.ConfigError, match="hardware='pod' is not one of"):
     load_config_file("qwen7b", "hardware=pod")

@@ -38,6 +38,10 @@ def make_builder(data_config) -> tfds.core.DatasetBuilder:
                         num_references=world.num_references, seed=world.seed)
     config = capworld_config(spec, num_train=world.num_train,
                              num_validation=world.num_validation, num_test=world.num_test)
+    # TFDS refuses a custom config named like one the class declares (the default sizes):
+    # take the declared one. Equal names mean equal data (the name hashes every parameter).
+    declared = {c.name: c for c in CapWorld.BUILDER_CONFIGS}
+    config = declared.get(config.name, config)
     return CapWorld(config=config, data_dir=data_dir(data_config), file_format="array_record")
   if data_config.name == "caption_folder":
     from balcap.data.caption_folder.builder import CaptionFolder, caption_folder_config

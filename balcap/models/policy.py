@@ -32,6 +32,29 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "generation_config.json", "vocab.json", "merges.txt", "processor_config.json")
 
 
+# The floating dtypes a policy stores or computes in, by the names config.json and configs use.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(dtype: Any, what: str = "dtype") -> str | None:
+  """The canonical name ("float32", "bfloat16", "float16") of a dtype given as a string, a
+  numpy or JAX dtype or scalar type (jnp.float32, np.dtype("float32"), ...); None stays None.
+
+  Names are what travels beyond the API: configs, checkpoints' config.json (transformers reads
+  only names there). Anything else is refused here, naming `what`.
+  """
+  if dtype is None or (isinstance(dtype, str) and not dtype):
+    return None
+  try:
+    name = jax.numpy.dtype(dtype).name
+  except TypeError:
+    name = None
+  if name not in DTYPES:
+    raise ValueError(f"{what}={dtype!r} is not a dtype a policy can use; give one of "
+                     f"{list(DTYPES)} (as a string, or the numpy/JAX dtype)")
+  return name
+
+
 class TowersConfig:
   """Mixin of the family configs: a dataclass with `text` and `vision` sub-configs (each with
   dtype, param_dtype, remat; the text one with scan_layers) and the class's MODEL_TYPE."""
@@ -42,6 +65,7 @@ class TowersConfig:
                    remat: str | None = None, scan_layers: bool | None = None):
     """The same architecture computing in `dtype`, storing params in `param_dtype`, with the
     `remat` policy (both towers) and the decoder's layers scanned or not (None keeps)."""
+    dtype, param_dtype = dtype_name(dtype, "dtype"), dtype_name(param_dtype, "param_dtype")
     changes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype),
                                  ("remat", remat)) if v}
     text = dataclasses.replace(self.text, **changes)
@@ -149,6 +173,7 @@ class Policy:
 
   def save_pretrained(self, folder: str, *, dtype: str | None = None) -> None:
     """An HF folder (config.json, safetensors, tokenizer files) that transformers loads."""
+    dtype = dtype_name(dtype, "save_pretrained(dtype=...)")
     os.makedirs(folder, exist_ok=True)
     hf_config = self.config.to_hf()
     if dtype:
@@ -208,8 +233,8 @@ def load_pretrained(folder: str, *, dtype: str | None = None, mesh: Mesh | None 
                     scan_layers: bool = True) -> Policy:
   """The policy in an HF folder (family from config.json), params placed on `mesh`.
 
-  `dtype` ("bfloat16", "float32") sets both the stored and the computation dtype; default
-  float32. `scan_layers=False` unrolls the decoder's layers (faster CPU decoding). Tensors
+  `dtype` ("bfloat16", "float32", "float16", or the numpy/JAX dtype) sets both the stored
+  and the computation dtype; default float32. `scan_layers=False` unrolls the decoder's layers (faster CPU decoding). Tensors
   stream from disk one at a time (see hf_io).
   """
   family, config = checkpoint_config(folder)

@@ -5,7 +5,10 @@ Rewards are `[B, G, K]` (prompt, rollout, component) and may hold NaN, meaning "
 scored". NaN rewards are left out of every statistic; a reward that is NaN for a whole group
 contributes 0 to that group; a rollout whose rewards are all NaN (or that `valid` marks as
 padding) gets advantage 0 and is counted in the stats. A group whose reward is constant
-contributes 0 for that reward (no division blow-up: (r - mean) is exactly 0 there).
+contributes exactly 0 for that reward, whatever the value and G: constancy is detected (max ==
+min over the scored entries) rather than trusted to `r - mean`, which is NOT exactly 0 there
+(the float32 mean of G copies of 0.9 need not be 0.9), and dividing that rounding residue by
+its own ~1e-8 std would turn it into a ~0.05 advantage of one sign for the whole group.
 
 Statistics over "the batch" are over the GLOBAL batch: under `jit` with the batch sharded over
 devices and hosts, XLA reduces across all of them; inside `shard_map`, pass the mesh axes as
@@ -80,17 +83,30 @@ def _sum(x: jax.Array, axis, axis_name: AxisName) -> jax.Array:
   return jax.lax.psum(total, axis_name) if axis_name is not None else total
 
 
+def _constant(values: jax.Array, valid: jax.Array, axis, axis_name: AxisName = None
+              ) -> jax.Array:
+  """True where every valid entry along `axis` (and over `axis_name`) is the same value, or
+  there is none: such a set carries no signal and normalises to exactly 0."""
+  high = jnp.max(jnp.where(valid, values, -jnp.inf), axis=axis, keepdims=axis is not None)
+  low = jnp.min(jnp.where(valid, values, jnp.inf), axis=axis, keepdims=axis is not None)
+  if axis_name is not None:
+    high, low = jax.lax.pmax(high, axis_name), jax.lax.pmin(low, axis_name)
+  return high <= low
+
+
 def group_normalize(rewards: jax.Array, *, eps: float = 1e-6, ddof: int = 0,
                     scale: bool = True) -> jax.Array:
   """(r - mean_g r) / (std_g r + eps) within each group (row) of rewards [B, G], NaN-aware.
 
   NaN entries get 0 and are left out of the group's mean and std; so does a whole-NaN group.
+  A group whose scored rewards are all equal gets exactly 0 (see the module docstring).
   """
   valid = ~jnp.isnan(rewards)
   values = jnp.where(valid, rewards, 0.0)
   count = valid.sum(axis=-1, keepdims=True)
   mean = values.sum(axis=-1, keepdims=True) / jnp.maximum(count, 1)
-  centered = jnp.where(valid, rewards - mean, 0.0)
+  informative = valid & ~_constant(rewards, valid, axis=-1)
+  centered = jnp.where(informative, rewards - mean, 0.0)
   if not scale:
     return centered
   variance = (centered ** 2).sum(axis=-1, keepdims=True) / jnp.maximum(count - ddof, 1)
@@ -99,11 +115,13 @@ def group_normalize(rewards: jax.Array, *, eps: float = 1e-6, ddof: int = 0,
 
 def batch_normalize(values: jax.Array, valid: jax.Array, *, eps: float = 1e-6, ddof: int = 0,
                     axis_name: AxisName = None) -> jax.Array:
-  """(x - mean) / (std + eps) over every valid entry of the (global) batch; invalid -> 0."""
+  """(x - mean) / (std + eps) over every valid entry of the (global) batch; invalid -> 0, and
+  all 0 when the valid entries are all equal."""
   x = jnp.where(valid, values, 0.0)
   count = _sum(valid.astype(jnp.float32), None, axis_name)
   mean = _sum(x, None, axis_name) / jnp.maximum(count, 1.0)
-  centered = jnp.where(valid, values - mean, 0.0)
+  informative = valid & ~_constant(values, valid, None, axis_name)
+  centered = jnp.where(informative, values - mean, 0.0)
   variance = _sum(centered ** 2, None, axis_name) / jnp.maximum(count - ddof, 1.0)
   return centered / (jnp.sqrt(variance) + eps)
 
@@ -226,9 +244,7 @@ def compute(config: AdvantageConfig, rewards: dict[str, jax.Array], ratio: jax.A
   for k, name in enumerate(config.components):
     column = shaped[..., k]
     scored = ~jnp.isnan(column)
-    spread = (jnp.max(jnp.where(scored, column, -jnp.inf), axis=-1)
-              - jnp.min(jnp.where(scored, column, jnp.inf), axis=-1))
-    constant = (scored.sum(axis=-1) > 0) & (spread <= 0)
+    constant = (scored.sum(axis=-1) > 0) & _constant(column, scored, axis=-1)[:, 0]
     groups = _sum(jnp.ones(column.shape[:1]), None, axis_name)
     stats[f"advantage/zero_std_groups/{name}"] = _sum(constant.astype(jnp.float32), None,
                                                       axis_name) / groups

@@ -199,7 +199,10 @@ class RLStep:
 
 
 def run(config, workdir: str, policy, reward: functions.JudgeReward) -> loop.LoopResult:
-  """config.rl.num_steps RL steps from `policy`'s params (resuming workdir's checkpoints)."""
+  """config.rl.num_steps RL steps from `policy`'s params (resuming workdir's checkpoints).
+
+  `policy` is trained in place: its params are donated to the first update (their buffers
+  are deleted), and on return `policy.params` are the trained ones (= result.state["params"])."""
   rl = config.rl
   builder = datasets.prepare(config.data)
   source = datasets.open_split(builder, config.data.train_split)
@@ -216,6 +219,8 @@ def run(config, workdir: str, policy, reward: functions.JudgeReward) -> loop.Loo
   os.makedirs(workdir, exist_ok=True)
   loop_config = config.copy_and_resolve_references()
   loop_config.num_steps = rl.num_steps
-  return loop.run(workdir=workdir, config=loop_config,
-                  state=train_state.initial_state(policy, step.optimizer, config.seed),
-                  data_iterator=iterator, step_fn=step, description="rl")
+  result = loop.run(workdir=workdir, config=loop_config,
+                    state=train_state.initial_state(policy, step.optimizer, config.seed),
+                    data_iterator=iterator, step_fn=step, description="rl")
+  policy.params = result.state["params"]  # the donated buffers are gone: hand over the new
+  return result

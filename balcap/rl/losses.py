@@ -249,6 +249,36 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean", *
 
 
 # ---------------------------------------------------------------------------------------------
+# Statistics of micro-batches -> statistics of the batch
+
+# How `rl_loss`'s statistics of n micro-batches make the batch's: the loss terms are shares of
+# one global aggregate (`global_tokens` / `global_sequences`), so they add up; counts add up;
+# extremes take the extreme; every other statistic is a mean over the micro-batch's tokens,
+# so the batch's is their token-weighted mean.
+_SUMMED = ("loss", "loss/policy", "policy/tokens")
+_EXTREMES = {"policy/ratio_min": jnp.min, "policy/ratio_max": jnp.max}
+
+
+def combine_micro_batch_stats(stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """The batch's statistics from `rl_loss`'s statistics of n micro-batches, stacked [n]: what
+  one call on the whole batch would have reported (up to float reassociation)."""
+  tokens = stats["policy/tokens"]
+  has_tokens = tokens > 0
+  out = {}
+  for key, values in stats.items():
+    if key in _SUMMED:
+      out[key] = jnp.sum(values)
+    elif key in _EXTREMES:
+      reduce = _EXTREMES[key]
+      fill = jnp.inf if reduce is jnp.min else -jnp.inf
+      value = reduce(jnp.where(has_tokens, values, fill))
+      out[key] = jnp.where(jnp.isfinite(value), value, 1.0)  # no tokens at all: neutral 1
+    else:
+      out[key] = jnp.sum(values * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The loss
 
 

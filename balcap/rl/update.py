@@ -74,8 +74,7 @@ def make_update(module, optimizer: optax.GradientTransformation, loss_config: lo
       zeros = jax.tree.map(jnp.zeros_like, params)
       grads, stats = jax.lax.scan(accumulate, zeros, micro_batches)
       updates, opt_state = optimizer.update(grads, opt_state, params)
-      stats = jax.tree.map(jnp.mean, stats)  # micro-batches are equal in size
-      stats["loss"] = stats["loss"] * num_micro_batches  # shares of one loss: their sum
+      stats = losses.combine_micro_batch_stats(stats)  # the whole batch's, not a mean of means
       stats["grad_norm"] = optim.grad_norm(grads)
       return (optim.apply_updates(params, updates), opt_state), stats
 

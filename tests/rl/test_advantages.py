@@ -146,3 +146,68 @@ def test_sharded_batch_uses_global_statistics():
   for key in stats:
     np.testing.assert_allclose(map_stats[key], stats[key], atol=1e-5, err_msg=key)
     np.testing.assert_allclose(sharded_stats[key], stats[key], atol=1e-5, err_msg=key)
+
+
+# Values that float32 cannot hold exactly: the mean of G copies is not always the value itself.
+INEXACT = (0.9, 0.7, 1 / 3, 0.1, 0.3, 0.55)
+GROUP_SIZES = (2, 3, 5, 6, 7, 8, 16)
+
+
+def _constant_groups(value: float, group: int, prompts: int = 2) -> jnp.ndarray:
+  return jnp.full((prompts, group, 3), value, jnp.float32)
+
+
+@pytest.mark.parametrize("estimator", sorted(adv.ESTIMATORS))
+def test_constant_groups_of_inexact_values_get_exactly_zero(estimator):
+  # Before the fix, GRPO on three rollouts all rewarded 0.9 gave each of them +0.056.
+  fn = adv.ESTIMATORS[estimator]
+  for value in INEXACT:
+    for group in GROUP_SIZES:
+      out = np.asarray(fn(_constant_groups(value, group), (1.0, 1.0, 1.0)))
+      assert (out == 0).all(), (estimator, value, group, out)
+
+
+def test_a_constant_reward_contributes_exactly_nothing_to_gdpo_and_c_gdpo():
+  # Reward 2 is constant within every group (at inexact values): the advantages must be
+  # exactly those of the same batch with reward 2 set to 0, bit for bit.
+  rng = np.random.default_rng(3)
+  for group in GROUP_SIZES:
+    r = rng.uniform(size=(4, group, 3)).astype(np.float32)
+    r[..., 2] = np.asarray(INEXACT[:4], np.float32)[:, None]
+    r[1, :2, 0] = np.nan  # NaN handling unchanged alongside
+    zeroed = r.copy()
+    zeroed[..., 2] = 0.0
+    for fn in (adv.gdpo, adv.c_gdpo):
+      np.testing.assert_array_equal(fn(jnp.asarray(r), (1.0, 1.0, 1.0)),
+                                    fn(jnp.asarray(zeroed), (1.0, 1.0, 1.0)))
+
+
+def test_constant_groups_with_nan_stay_zero_and_varying_groups_are_untouched():
+  # The scored entries of the group are equal (one is NaN): still exactly 0.
+  r = jnp.asarray([[[0.9], [np.nan], [0.9]], [[0.1], [0.3], [0.7]]], jnp.float32)
+  out = np.asarray(adv.grpo(r, (1.0,)))
+  assert (out[0] == 0).all()
+  x = np.array([0.1, 0.3, 0.7])
+  np.testing.assert_allclose(out[1], (x - x.mean()) / (x.std() + 1e-6), rtol=1e-5)
+  # A constant batch after the weighted sum: c-GDPO's batch normalisation gives 0 too.
+  assert (np.asarray(adv.batch_normalize(jnp.full((3, 4), 0.7, jnp.float32),
+                                         jnp.ones((3, 4), bool))) == 0).all()
+
+
+@pytest.mark.parametrize("estimator", sorted(adv.ESTIMATORS))
+def test_constant_groups_are_zero_when_sharded(estimator):
+  mesh = parallel.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  rows = NamedSharding(mesh, P("data"))
+  config = adv.AdvantageConfig(estimator=estimator, length_mask=False)
+  for value in INEXACT[:3]:
+    r = {n: jax.device_put(jnp.full((8, 3), value, jnp.float32), rows)
+         for n in config.components}
+    ratio = jax.device_put(jnp.ones((8, 3), jnp.float32), rows)
+    out, stats = jax.jit(lambda r, q: adv.compute(config, r, q))(r, ratio)
+    assert (np.asarray(out) == 0).all(), (estimator, value)
+    assert float(stats["advantage/zero_std_groups/precision"]) == 1.0
+    per_shard = jax.shard_map(lambda r, q: adv.compute(config, r, q, axis_name="data"),
+                              mesh=mesh, in_specs=(P("data"), P("data")),
+                              out_specs=(P("data"), P()))
+    out_map, _ = jax.jit(per_shard)(r, ratio)
+    assert (np.asarray(out_map) == 0).all(), (estimator, value)

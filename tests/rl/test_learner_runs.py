@@ -46,6 +46,9 @@ def _finish(process):
   assert process.returncode == 0, output
   result = [line.split()[1:] for line in output.splitlines() if line.startswith("RESULT")][0]
   digest = [line.split()[1] for line in output.splitlines() if line.startswith("PARAMS")][0]
+  # After `learner.run` the caller's policy holds the trained params, not deleted buffers.
+  handed_back = [line.split()[1] for line in output.splitlines() if line.startswith("POLICY")]
+  assert handed_back in ([], [digest]), output
   return result, digest
 
 

@@ -213,7 +213,7 @@ def test_judge_deadline_stops_further_rounds():
   class SlowGarbage:
     calls = 0
 
-    def complete(self, requests):
+    def complete(self, requests, deadline=None):
       SlowGarbage.calls += 1
       time.sleep(0.2)
       return [ChatReply(r.id, text="no json here") for r in requests]
@@ -258,7 +258,7 @@ def test_ids_never_cross_when_replies_arrive_out_of_order():
 
 def test_backend_answering_an_unknown_id_is_a_bug():
   class Confused:
-    def complete(self, requests):
+    def complete(self, requests, deadline=None):
       return [ChatReply(r.id + "?", text="[]") for r in requests]
   with pytest.raises(AssertionError, match="unknown request id"):
     LLMJudge(Confused()).judge([sample("a/0", "a red car")])
@@ -351,3 +351,37 @@ def test_ratings_are_normalised_and_checked():
     prompts.parse_rating('{"clarity": 6, "fluency": 3, "coherence": 1}')
   with pytest.raises(json_reply.ReplyError, match="expected a number"):
     prompts.parse_rating('{"clarity": true, "fluency": 3, "coherence": 1}')
+
+
+def test_the_configured_deadline_bounds_a_judge_call_whose_server_never_answers(tmp_path):
+  # A server that accepts connections and never answers. Before, deadline_s stopped only new
+  # rounds: one round lasted (max_retries + 1) x timeout_s + backoff (24.5 s for these
+  # settings with deadline 3 s, timeout 5 s).
+  import socket  # pylint: disable=import-outside-toplevel
+  from balcap import configs  # pylint: disable=import-outside-toplevel
+  from balcap.rl.rewards import factory  # pylint: disable=import-outside-toplevel
+  with socket.socket() as silent:
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    config = configs.base_config()
+    config.rewards.judge = "openai"
+    config.rewards.openai.base_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    config.rewards.openai.model = "judge"
+    config.rewards.openai.timeout_s = 5.0
+    config.rewards.openai.max_retries = 3
+    config.rewards.deadline_s = 1.5
+    reward = factory.reward_from_config(config, str(tmp_path))
+    started = time.monotonic()
+    batch = reward([sample("a/0", "a red car"), sample("b/0", "a blue car")])
+    elapsed = time.monotonic() - started
+  assert elapsed < 3.0, elapsed
+  assert batch.failures[("precision", "timeout")] == 2
+  assert batch.failures[("linguistic", "timeout")] == 2
+
+
+def test_backend_takes_the_earlier_of_its_own_and_the_callers_deadline():
+  with FakeChatServer(slow_s=5.0) as server:
+    backend = make_backend(server, timeout_s=10.0, deadline_s=30.0)
+    start = time.monotonic()
+    (reply,) = backend.complete([chat("r", "SLOW")], deadline=time.monotonic() + 0.3)
+  assert time.monotonic() - start < 1.5 and reply.failure == "timeout"

@@ -1,8 +1,12 @@
 """A balcap policy as the judge: request rendering, ordered replies, deadline, isolation."""
 
+import json
 import math
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,7 +18,7 @@ from balcap.rl.rewards import local_backend, prompts
 from balcap.rl.rewards.chat import ChatRequest
 from balcap.rl.rewards.types import Sample
 from qwen_fixtures import tiny_config, write_checkpoint
-from testlib import QWEN_TOKENIZER_DIR
+from testlib import QWEN_TOKENIZER_DIR, REPO
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +83,46 @@ def test_local_judge_scores_or_explains_every_sample(judge_policy):
     for component in ("precision", "recall", "linguistic"):
       value = getattr(j, component)
       assert (not math.isnan(value)) or j.failures[component] == "parse_error"
+
+
+def test_two_hosts_judging_different_loads_stay_in_step(tmp_path_factory):
+  # Each host has other samples (other requests, parse retries, chunk counts) and, in the
+  # second call, only host 0 is past its deadline. Before, the sampler ran on each host's
+  # reward thread with its own schedule: the hosts' collectives crossed and hung.
+  folder = str(tmp_path_factory.mktemp("judge_2hosts"))
+  write_checkpoint(folder, tiny_config(vocab_size=151936, image_id=151655, video_id=151656,
+                                       vision_start=151652, vision_end=151653, tie=True), seed=7)
+  shutil.copy(os.path.join(QWEN_TOKENIZER_DIR, "tokenizer.json"), folder)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  program = str(REPO / "tests" / "local_judge_program.py")
+  hosts = [subprocess.Popen(
+      [sys.executable, program, folder, "distributed"], stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=f"{REPO}:{REPO / 'tests'}", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))) for i in range(2)]
+  outputs = []
+  try:
+    for host in hosts:
+      outputs.append(host.communicate(timeout=300)[0])
+  finally:
+    for host in hosts:
+      host.kill()
+  for host, output in zip(hosts, outputs):
+    assert host.returncode == 0, output
+  judged = [[json.loads(line.split(" ", 1)[1]) for line in output.splitlines()
+             if line.startswith("JUDGED")] for output in outputs]
+  assert [len(calls) for calls in judged] == [2, 2]
+  assert [row[0] for row in judged[0][0]] == ["h0-0/0", "h0-1/0", "h0-2/0"]
+  assert [row[0] for row in judged[1][0]] == ["h1-0/0"]
+  for calls in judged:
+    for _, scores, failures in calls[0]:  # scored, or NaN with a cause: never a hang
+      assert all(value is not None or name in failures for name, value in scores.items())
+  # Host 0 was past its deadline in the second call: it timed out everything there ...
+  # (the empty caption's precision is 0 without asking: nothing to time out).
+  assert all(set(f.values()) == {"timeout"} for _, _, f in judged[0][1])
+  assert [len(f) for _, _, f in judged[0][1]] == [3, 2, 3]
+  # ... and host 1 agreed to stop with it instead of waiting for it forever.
+  assert all("timeout" in f.values() for _, _, f in judged[1][1])

@@ -131,3 +131,64 @@ def test_a_judge_past_the_deadline_gives_timeouts_not_a_wait():
   assert np.isnan(batch.components["precision"]).all()
   assert batch.failures[("precision", "timeout")] == 2
   assert batch.ids == ["ex0/0", "ex1/0"]
+
+
+class HangingJudge:
+  """Hangs on the batches whose first caption says 'hang' (until released), answers the rest."""
+  name = "hanging"
+
+  def __init__(self):
+    self.release = threading.Event()
+    self.calls = 0
+
+  def judge(self, samples):
+    self.calls += 1
+    if "hang" in samples[0].caption:
+      self.release.wait(timeout=30)
+    return [Judgement(s.id, precision=1.0, recall=1.0, linguistic=1.0) for s in samples]
+
+
+def test_a_batch_past_its_deadline_does_not_delay_the_next():
+  judge = HangingJudge()
+  reward = functions.JudgeReward(judge)
+  stuck = [sample(0, "hang")]
+  late = reward.result(reward.submit(stuck), stuck, deadline_s=0.2)
+  assert np.isnan(late.components["precision"]).all()
+  # The next step's batch is judged at once, not queued behind the hung one (before, with
+  # one worker thread, it waited and timed out too).
+  fresh = [sample(1, "a red circle")]
+  started = time.perf_counter()
+  batch = reward.result(reward.submit(fresh), fresh, deadline_s=5.0)
+  assert time.perf_counter() - started < 1.0
+  assert batch.components["precision"][0] == 1.0 and not batch.failures
+  judge.release.set()
+  reward.close()
+
+
+def test_batches_in_flight_are_bounded_and_the_excess_fails_fast():
+  judge = HangingJudge()
+  reward = functions.JudgeReward(judge, max_in_flight=2)
+  stuck = [sample(0, "hang")]
+  for _ in range(2):
+    reward.submit(stuck)
+  third = [sample(1, "a red circle")]
+  started = time.perf_counter()
+  batch = reward.result(reward.submit(third), third, deadline_s=5.0)
+  assert time.perf_counter() - started < 0.5  # refused, not queued
+  assert batch.failures[("precision", "timeout")] == 1
+  assert judge.calls == 2  # no third thread was started for it
+  judge.release.set()
+  reward.close()
+  # Slots come back once the hung batches finish.
+  fourth = [sample(2, "a red circle")]
+  batch = reward.result(reward.submit(fourth), fourth, deadline_s=5.0)
+  assert batch.components["precision"][0] == 1.0
+  reward.close()
+
+
+def test_a_collective_judge_runs_on_the_calling_thread():
+  judge = ScriptedJudge()
+  judge.collective = True
+  reward = functions.JudgeReward(judge)
+  future = reward.submit([sample(0, "a red circle")])
+  assert future.done() and judge.threads == [threading.current_thread().name]

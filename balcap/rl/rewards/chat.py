@@ -6,7 +6,8 @@ local model. A backend owes its caller three things:
 
   1. one `ChatReply` per request, in request order, carrying the request's `id`;
   2. no exception for one request that failed: a `ChatReply` with a `failure` cause instead;
-  3. a bounded call: it returns by its own deadline, turning unfinished requests into
+  3. a bounded call: it returns by its own deadline or the caller's `deadline` (a
+     `time.monotonic()` instant), whichever is earlier, turning unfinished requests into
      "timeout" failures.
 
 Batching the whole judge batch into one call lets a backend spread it over its concurrency
@@ -57,4 +58,5 @@ class ChatReply:
 class ChatBackend(Protocol):
   """Answers chat requests; see the module docstring for what a backend guarantees."""
 
-  def complete(self, requests: Sequence[ChatRequest]) -> list[ChatReply]: ...
+  def complete(self, requests: Sequence[ChatRequest],
+               deadline: float | None = None) -> list[ChatReply]: ...

@@ -18,6 +18,8 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import threading
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -76,14 +78,29 @@ class RewardBatch:
 
 
 class JudgeReward:
-  """precision, recall, linguistic from a judge + length_ratio, for a list of samples."""
+  """precision, recall, linguistic from a judge + length_ratio, for a list of samples.
+
+  `submit` judges on a thread of its own per batch, so a batch that outlives its deadline
+  (a hung server, a judge that ignores deadlines) never delays the next one: `result` gives
+  up on it (NaN, "timeout") and the next batch starts on a fresh thread at once. At most
+  `max_in_flight` batches run at a time; with that many still running, a new batch is scored
+  NaN ("timeout") at once instead of queueing behind them, so a dead judge costs rewards,
+  never threads without bound nor the run. A collective judge (`judge.collective`: device
+  programs that span hosts) is run on the caller's thread instead, where every host issues
+  its programs in the same order.
+  """
 
   def __init__(self, judge: Judge, *, count: Callable[[str], int] = word_count,
-               max_workers: int = 1):
+               max_in_flight: int = 4):
+    if max_in_flight < 1:
+      raise ValueError(f"max_in_flight={max_in_flight} must be >= 1")
     self.judge = judge
     self.count = count
-    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers,
-                                                       thread_name_prefix="reward")
+    self.max_in_flight = max_in_flight
+    self._slots = threading.BoundedSemaphore(max_in_flight)
+    self._threads: set[threading.Thread] = set()
+    self._lock = threading.Lock()
+    self._submitted = 0
 
   def __call__(self, samples: Sequence[Sample]) -> RewardBatch:
     return self._batch(samples, self._judge(samples))
@@ -99,12 +116,40 @@ class JudgeReward:
 
   def submit(self, samples: Sequence[Sample]) -> concurrent.futures.Future:
     """Scores on a host thread; device work goes on meanwhile (JAX releases the GIL)."""
-    return self._pool.submit(self, list(samples))
+    samples = list(samples)
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    if getattr(self.judge, "collective", False):
+      future.set_result(self(samples))
+      return future
+    if not self._slots.acquire(blocking=False):
+      log.warning("judge %r: %d batches are still running past their deadline; scoring the "
+                  "next %d samples NaN (timeout) instead of queueing them", self.judge.name,
+                  self.max_in_flight, len(samples))
+      future.set_result(self._batch(samples, _failed(samples, "timeout")))
+      return future
+    with self._lock:
+      self._submitted += 1
+      thread = threading.Thread(target=self._work, args=(samples, future), daemon=True,
+                                name=f"reward-{self._submitted}")
+      self._threads.add(thread)
+    thread.start()
+    return future
+
+  def _work(self, samples: list[Sample], future: concurrent.futures.Future) -> None:
+    try:
+      future.set_result(self(samples))
+    except BaseException as e:  # pylint: disable=broad-except  (handed to `result`)
+      future.set_exception(e)
+    finally:
+      self._slots.release()
+      with self._lock:
+        self._threads.discard(threading.current_thread())
 
   def result(self, future: concurrent.futures.Future, samples: Sequence[Sample],
              deadline_s: float) -> RewardBatch:
     """The submitted batch's rewards, or, if they are not ready within `deadline_s`, NaN
-    rewards with cause "timeout" (the late result is dropped): a run never waits longer."""
+    rewards with cause "timeout" (the late result is dropped when it comes): a run never
+    waits longer."""
     try:
       return future.result(timeout=deadline_s)
     except concurrent.futures.TimeoutError:
@@ -124,8 +169,14 @@ class JudgeReward:
                     len(samples))
       return _failed(samples, "judge_error")
 
-  def close(self) -> None:
-    self._pool.shutdown(wait=True)
+  def close(self, timeout_s: float = 30.0) -> None:
+    """Waits up to `timeout_s` for batches still running; a hung one is left to its daemon
+    thread (it cannot keep the process alive)."""
+    end = time.monotonic() + timeout_s
+    with self._lock:
+      threads = list(self._threads)
+    for thread in threads:
+      thread.join(max(0.0, end - time.monotonic()))
 
 
 def _failed(samples: Sequence[Sample], cause: str) -> list[Judgement]:

@@ -21,6 +21,7 @@ import math
 import time
 from typing import Any, Callable, Sequence
 
+from balcap import parallel
 from balcap.rl.rewards import prompts
 from balcap.rl.rewards.chat import ChatBackend, ChatReply, ChatRequest
 from balcap.rl.rewards.json_reply import ReplyError
@@ -48,8 +49,9 @@ class LLMJudge:
     backend: answers the chat requests.
     name: the judge's name in metrics.
     image_format: "PNG" (lossless) or "JPEG" (smaller requests) for images sent to the judge.
-    deadline_s: optional bound on a whole `judge` call: no new round starts after it (each
-      round is already bounded by the backend's own deadline).
+    deadline_s: optional bound on a whole `judge` call: each round's backend call is given
+      what is left of it (on top of the backend's own deadline), and no round starts after
+      it; what is unanswered then is NaN with cause "timeout".
     reference_memory: how many decomposed references to remember across calls, so an
       example's references are decomposed once per run rather than once per step.
   """
@@ -76,23 +78,39 @@ class LLMJudge:
     self._run(batch.first_round())
     return judgements
 
+  @property
+  def collective(self) -> bool:
+    """Whether judging must run in step on every host (a backend of collective device
+    programs, e.g. the local judge on a pod): `JudgeReward` then runs it on its caller's
+    thread, and every host runs the same rounds (an empty one where it has nothing left)."""
+    return bool(getattr(self.backend, "collective", False))
+
   def _run(self, tasks: list[_Task]) -> None:
-    start = time.monotonic()
-    while tasks:
-      if self.deadline_s is not None and time.monotonic() - start > self.deadline_s:
+    # One deadline for the whole call, handed to the backend too: a round cannot outlast it
+    # (whatever the backend's own deadline), and no round starts after it.
+    end = None if self.deadline_s is None else time.monotonic() + self.deadline_s
+    collective = self.collective
+    while True:
+      expired = end is not None and time.monotonic() > end
+      busy = bool(tasks)
+      if collective:
+        busy, expired = parallel.host_any([busy, expired])
+      if not busy:
+        return
+      if expired:
         for task in tasks:
           task.on_failure("timeout")
         return
-      tasks = self._round(tasks)
+      tasks = self._round(tasks, end)
 
-  def _round(self, tasks: list[_Task]) -> list[_Task]:
+  def _round(self, tasks: list[_Task], deadline: float | None = None) -> list[_Task]:
     """Sends `tasks` as one backend call; returns the tasks their replies lead to."""
     by_id = {task.id: task for task in tasks}
     if len(by_id) != len(tasks):
       raise AssertionError("two judge requests share an id")
     requests = [ChatRequest(task.id, task.messages) for task in tasks]
     try:
-      replies = self.backend.complete(requests)
+      replies = self.backend.complete(requests, deadline=deadline)
     except Exception as e:  # pylint: disable=broad-except
       # A backend must not raise (chat.py), but one that does costs a batch of NaNs, not a run.
       log.error("judge backend %r raised %s: %s", self.backend, type(e).__name__, e)

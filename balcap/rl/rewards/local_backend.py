@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import json
 import logging
 import time
 from typing import Any, Sequence
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from balcap import sampling
+from balcap import parallel, sampling
 from balcap.rl.rewards.chat import ChatReply, ChatRequest
 from balcap.rl.rewards.llm_judge import LLMJudge
 
@@ -63,10 +64,20 @@ def _decode_image(url: str) -> Image.Image:
 class LocalChatBackend:
   """`ChatBackend` over a balcap policy with a processor (see the module docstring).
 
-  Requests are answered in batches of `batch_size` (grouped by system prompt and sampling
-  settings). The deadline is checked between batches: a batch that has started runs to the
-  end, the ones not started by `deadline_s` become "timeout" replies. A batch that fails
-  (a malformed request, a model error) becomes "judge_error" replies for its requests only.
+  Requests are answered greedily in chunks of `batch_size`, grouped by what one sampler
+  program shares (system prompt, sampling settings, with or without an image). The deadline
+  is checked between chunks: a chunk that has started runs to the end, the ones not started
+  by the deadline become "timeout" replies. A chunk that fails (a malformed request, a model
+  error) becomes "judge_error" replies for its requests only.
+
+  The sampler's programs span the whole mesh, so on several hosts they are collectives
+  (`collective`): every host must run the same programs in the same order, or the pod
+  deadlocks. So this backend must be called from the thread that runs the other device work
+  (`JudgeReward` runs a collective judge on the calling thread, `LLMJudge` keeps its rounds in
+  step over hosts), and each call here agrees with the other hosts on one schedule: the union
+  of the hosts' groups, the largest host's chunk count per group, chunks padded to
+  `batch_size` rows, and each deadline decision. A host with fewer requests runs padding
+  chunks whose answers it drops.
   """
 
   def __init__(self, policy, *, max_new_tokens: int = 512, batch_size: int = 16,
@@ -75,10 +86,16 @@ class LocalChatBackend:
       raise ValueError("a local judge needs a policy with a processor (tokenizer files)")
     self.policy = policy
     self.max_new_tokens = max_new_tokens
-    self.batch_size = batch_size
+    multiple = parallel.host_rows_multiple(policy.mesh)
+    self.batch_size = -(-batch_size // multiple) * multiple  # rows split over the shards
     self.deadline_s = deadline_s
     self._rng = jax.random.key(seed)
     self._processors: dict[str | None, Any] = {}
+
+  @property
+  def collective(self) -> bool:
+    """Whether a call must be made in step on every host (see the class docstring)."""
+    return jax.process_count() > 1
 
   def _processor(self, system: str | None):
     if system not in self._processors:
@@ -88,8 +105,12 @@ class LocalChatBackend:
       self._processors[system] = processor
     return self._processors[system]
 
-  def complete(self, requests: Sequence[ChatRequest]) -> list[ChatReply]:
-    started = time.monotonic()
+  def complete(self, requests: Sequence[ChatRequest],
+               deadline: float | None = None) -> list[ChatReply]:
+    """Replies in request order, by `deadline` (time.monotonic()) or `deadline_s` from now,
+    whichever is earlier (for the chunks not yet started)."""
+    end = time.monotonic() + self.deadline_s
+    end = end if deadline is None else min(end, deadline)
     replies: dict[str, ChatReply] = {}
     rendered = {}
     for request in requests:
@@ -98,36 +119,47 @@ class LocalChatBackend:
       except (ValueError, KeyError, OSError) as e:
         log.warning("local judge: cannot render request %s: %s", request.id, e)
         replies[request.id] = ChatReply(request.id, failure="judge_error")
-    groups: dict[tuple, list[ChatRequest]] = {}
+    groups: dict[str, list[ChatRequest]] = {}
     for request in requests:
       if request.id in rendered:
-        key = (rendered[request.id][0], request.temperature or 0.0,
-               request.max_tokens or self.max_new_tokens)
+        system, _, images = rendered[request.id]
+        key = json.dumps([system, request.temperature or 0.0,
+                          request.max_tokens or self.max_new_tokens, bool(images)])
         groups.setdefault(key, []).append(request)
-    for (system, temperature, max_tokens), group in groups.items():
-      for start in range(0, len(group), self.batch_size):
+    for key in parallel.host_union(list(groups)):   # the same order on every host
+      group = groups.get(key, [])
+      chunks = parallel.host_max(-(-len(group) // self.batch_size))
+      for start in range(0, chunks * self.batch_size, self.batch_size):
         chunk = group[start:start + self.batch_size]
-        if time.monotonic() - started > self.deadline_s:
+        (expired,) = parallel.host_any([time.monotonic() > end])
+        if expired:
           replies.update({r.id: ChatReply(r.id, failure="timeout") for r in chunk})
           continue
-        replies.update(self._answer(chunk, rendered, system, temperature, max_tokens))
+        replies.update(self._answer(chunk, rendered, key))
     return [replies[r.id] for r in requests]
 
-  def _answer(self, chunk, rendered, system, temperature, max_tokens) -> dict[str, ChatReply]:
+  def _answer(self, chunk, rendered, key: str) -> dict[str, ChatReply]:
+    system, temperature, max_tokens, with_image = json.loads(key)
+    rows = [rendered[r.id] for r in chunk]
+    # Padding rows (a short or, on another host's behalf, empty chunk): their answers are
+    # dropped, but they keep the program's shape equal on every host.
+    blank = (system, "", [Image.new("RGB", (56, 56), (128, 128, 128))] if with_image else [])
+    rows += [blank] * (self.batch_size - len(rows) if self.policy.mesh is not None
+                       else 0 if rows else 1)
+    self._rng, rng = jax.random.split(self._rng)  # split alike on every host
     try:
       processor = self._processor(system)
-      texts = [rendered[r.id][1] for r in chunk]
-      images = [rendered[r.id][2] or None for r in chunk]
-      batch = processor(prompts=texts, images=images if any(images) else None)
-      self._rng, key = jax.random.split(self._rng)
-      rollouts = sampling.generate(self.policy, self.policy.params, batch, key,
+      batch = processor(prompts=[text for _, text, _ in rows],
+                        images=[images for _, _, images in rows] if with_image else None)
+      rollouts = sampling.generate(self.policy, self.policy.params, batch, rng,
                                    max_new_tokens=min(max_tokens, self.max_new_tokens),
                                    temperature=temperature)
-      tokens, lengths = np.asarray(rollouts.tokens), np.asarray(rollouts.lengths)
+      tokens = parallel.host_local(rollouts.tokens)
+      lengths = parallel.host_local(rollouts.lengths)
       return {r.id: ChatReply(r.id, text=processor.decode(tokens[i, :lengths[i]]))
               for i, r in enumerate(chunk)}
     except Exception:  # pylint: disable=broad-except
-      log.exception("local judge: a batch of %d requests failed", len(chunk))
+      log.exception("local judge: a chunk of %d requests failed", len(chunk))
       return {r.id: ChatReply(r.id, failure="judge_error") for r in chunk}
 
 
