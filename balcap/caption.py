@@ -42,7 +42,8 @@ def _image_batches(paths: list[str], batch_size: int, per_host: int) -> Iterator
       try:
         with Image.open(path) as image:
           batch.append((path, image.convert("RGB")))
-      except (OSError, ValueError) as e:
+      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # (PIL raises SyntaxError for some broken files, e.g. a PNG with a bad chunk.)
         batch.append((path, f"cannot read image: {e}"))
     yield batch + [(None, None)] * (batch_size - len(batch))
 
@@ -91,8 +92,8 @@ def run(config, workdir: str, images: list[str] | None = None) -> str:
   batch_size = parallel.host_batch_size(config.batch_size)
   if images:
     shard = images[jax.process_index()::jax.process_count()]
-    total = -(-len(images) // jax.process_count())  # the largest host's share
-    batches = _image_batches(shard, batch_size, total)
+    largest_share = -(-len(images) // jax.process_count())  # every host runs its batches
+    batches, total = _image_batches(shard, batch_size, largest_share), len(shard)
   else:
     batches, total = _split_batches(config, batch_size)
   output = config.caption.output or os.path.join(workdir, "captions.jsonl")

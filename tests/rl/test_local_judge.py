@@ -120,6 +120,8 @@ def test_two_hosts_judging_different_loads_stay_in_step(tmp_path_factory):
   for calls in judged:
     for _, scores, failures in calls[0]:  # scored, or NaN with a cause: never a hang
       assert all(value is not None or name in failures for name, value in scores.items())
+      # The model answered (a random one writes no JSON): no chunk failed on the devices.
+      assert "judge_error" not in failures.values(), calls[0]
   # Host 0 was past its deadline in the second call: it timed out everything there ...
   # (the empty caption's precision is 0 without asking: nothing to time out).
   assert all(set(f.values()) == {"timeout"} for _, _, f in judged[0][1])
