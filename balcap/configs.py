@@ -19,7 +19,7 @@ import ml_collections
 from etils import epath
 
 # Modes of `python -m balcap.main`; `balcap.main.MODE_RUNNERS` says which are in this version.
-MODES = ("sft", "train", "eval", "caption", "export", "data")
+MODES = ("sft", "train", "eval", "caption", "export", "data", "compile")
 DATA_SETS = ("capworld", "caption_folder")
 
 
@@ -152,6 +152,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.caption.split = ""        # "" = config.data.test_split
   c.caption.num_examples = -1  # -1 = the whole split
   c.caption.output = ""       # "" = <workdir>/captions.jsonl
+
+  # Mode `compile`: ahead-of-time compilation of every program of a step (balcap/aot).
+  c.compile = ml_collections.ConfigDict()
+  c.compile.topology = ""       # "" = this process's devices; a TPU slice: v5e-64, v5p-32,
+  #                               v4-32, v6e-64, or libtpu's v5e:8x8 (needs the `tpu` extra)
+  c.compile.accelerator = ""    # the chip for capacity and roofline: h100, h200, v4, v5e, v5p,
+  #                               v6e; "" = the TPU slice's chip (none for CPU devices)
+  c.compile.capacity_gib = 0.0  # memory per device to fit in; 0 = the chip's HBM
+  c.compile.programs = ("sample", "sample_prefill", "sample_decode_step", "score", "update",
+                        "sft")
+  c.compile.image_size = (448, 448)   # (height, width) of every prompt's image, px
+  c.compile.prompt_text_tokens = 32   # text tokens per prompt besides the image's
 
   # Device mesh: one axis per kind of parallelism. -1 on one axis = all remaining devices.
   c.mesh = ml_collections.ConfigDict()
@@ -329,12 +341,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   if problems:  # values of the wrong type make the checks below meaningless
     raise ConfigError(problems)
   problems += _mode_problems(config)
-  problems += _mesh_and_batch_problems(config, num_devices, process_count)
+  problems += _mesh_and_batch_problems(config, *target_devices(config, num_devices,
+                                                               process_count))
   problems += _data_problems(config.data)
   problems += _loop_problems(config)
   problems += _model_problems(config.model, needs_model=config.mode != "data")
   problems += _sampling_problems(config.sampling)
-  problems += _reward_problems(config)
+  if config.mode in ("train", "eval"):  # the modes that judge captions
+    problems += _reward_problems(config)
+  problems += _compile_problems(config)
   problems += _training_problems(config)
   if problems:
     raise ConfigError(problems)
@@ -517,6 +532,41 @@ def _sampling_problems(sampling) -> list[str]:
   if sampling.prompt_bucket < 1:
     problems.append(f"config.sampling.prompt_bucket={sampling.prompt_bucket} must be >= 1")
   return problems
+
+
+def _compile_problems(config) -> list[str]:
+  if config.mode != "compile":
+    return []
+  from balcap.aot import hardware, programs  # pylint: disable=import-outside-toplevel
+  c, problems = config.compile, []
+  unknown = sorted(set(c.programs) - set(programs.PROGRAMS))
+  if unknown:
+    problems.append(f"config.compile.programs: {unknown} are not programs; use some of "
+                    f"{list(programs.PROGRAMS)}")
+  if c.accelerator and c.accelerator not in hardware.ACCELERATORS:
+    problems.append(f"config.compile.accelerator={c.accelerator!r} is not one of "
+                    f"{sorted(hardware.ACCELERATORS)}")
+  if c.topology:
+    try:
+      hardware.tpu_topology(c.topology)
+    except ValueError as e:
+      problems.append(f"config.compile.topology: {e}")
+  if len(c.image_size) != 2 or min(c.image_size) <= 0:
+    problems.append(f"config.compile.image_size={tuple(c.image_size)} must be (height, width)")
+  return problems
+
+
+def target_devices(config, num_devices: int, process_count: int) -> tuple[int, int]:
+  """(devices, hosts) the config's mesh must cover: the TPU slice `mode=compile` targets
+  (4 chips per host), else this machine's."""
+  if config.get("mode") == "compile" and config.compile.topology:
+    from balcap.aot import hardware  # pylint: disable=import-outside-toplevel
+    try:
+      chips = hardware.tpu_topology(config.compile.topology)[2]
+    except ValueError:
+      return num_devices, process_count  # reported by _compile_problems
+    return chips, max(1, chips // 4)
+  return num_devices, process_count
 
 
 JUDGES = ("capworld", "openai", "local")

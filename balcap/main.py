@@ -62,8 +62,13 @@ def _run_data(config, workdir):
 
 
 # The modes this version of balcap can run; configs.MODES lists every mode of the design.
+def _run_compile(config, workdir):
+  from balcap.aot import report  # pylint: disable=import-outside-toplevel
+  report.run(config, workdir)
+
+
 MODE_RUNNERS = {"sft": _run_sft, "train": _run_train, "data": _run_data,
-                "caption": _run_caption}
+                "caption": _run_caption, "compile": _run_compile}
 # What each missing mode needs, so the error says what to expect instead of failing obscurely.
 _MISSING_MODES = {
     "eval": "a checkpoint reader for trained params (mode train already prints the "

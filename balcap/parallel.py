@@ -219,14 +219,18 @@ def global_inputs(inputs: Mapping[str, Any], mesh: Mesh | None) -> dict[str, Any
     return jax.device_put(dict(inputs))
   out = {}
   for key, value in inputs.items():
-    axis = BATCH_AXIS_OF.get(key, 0)
-    if axis is None:
-      sharding = NamedSharding(mesh, PartitionSpec())
-      out[key] = jax.tree.map(lambda x, s=sharding: _global(x, s, None), value)
-    else:
-      sharding = NamedSharding(mesh, PartitionSpec(*((None,) * axis + (BATCH_AXES,))))
-      out[key] = jax.tree.map(lambda x, s=sharding, a=axis: _global(x, s, a), value)
+    axis, sharding = BATCH_AXIS_OF.get(key, 0), input_sharding(key, mesh)
+    out[key] = jax.tree.map(lambda x, s=sharding, a=axis: _global(x, s, a), value)
   return out
+
+
+def input_sharding(key: str, mesh: Mesh) -> NamedSharding:
+  """Where `global_inputs` puts input `key`: split over the batch axes along its batch axis
+  (`BATCH_AXIS_OF`, default 0), or replicated."""
+  axis = BATCH_AXIS_OF.get(key, 0)
+  if axis is None:
+    return NamedSharding(mesh, PartitionSpec())
+  return NamedSharding(mesh, PartitionSpec(*((None,) * axis + (BATCH_AXES,))))
 
 
 def _global(value: Any, sharding: NamedSharding, axis: int | None) -> jax.Array:
@@ -303,6 +307,25 @@ def host_local(array: jax.Array, axis: int = 0) -> np.ndarray:
   whole = np.asarray(multihost_utils.process_allgather(array, tiled=True))
   rows = whole.shape[axis] // jax.process_count()
   return np.take(whole, np.arange(rows) + rows * jax.process_index(), axis=axis)
+
+
+class OnMesh:
+  """A jitted program that runs (and lowers) under `mesh` and the logical-axis rules.
+
+  Calling it runs the program; `lower(*args)` lowers it for the same mesh, with real arrays
+  or `jax.ShapeDtypeStruct`s (ahead-of-time compilation: `balcap.aot`).
+  """
+
+  def __init__(self, jitted, mesh: Mesh | None):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with mesh_context(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with mesh_context(self.mesh):
+      return self.jitted.lower(*args)
 
 
 @contextlib.contextmanager

@@ -194,14 +194,7 @@ def _program(module: nn.Module, params_spec: SamplingParams, mesh):
     state = jax.lax.while_loop(cond, body, state)
     return Rollouts(state["tokens"], state["logprobs"], state["lengths"], state["finished"])
 
-  jitted = jax.jit(run)
-  if mesh is None:
-    return jitted
-
-  def on_mesh(*args):
-    with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES), jax.set_mesh(mesh):
-      return jitted(*args)
-  return on_mesh
+  return parallel.OnMesh(jax.jit(run), mesh)
 
 
 def _constrain_cache(cache):

@@ -89,12 +89,7 @@ def make_step(module, optimizer: optax.GradientTransformation, mesh):
                "sft/grad_norm": optim.grad_norm(grads)}
     return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
-  jitted = jax.jit(step, donate_argnums=0)
-
-  def on_mesh(state, inputs):
-    with parallel.mesh_context(mesh):
-      return jitted(state, inputs)
-  return on_mesh
+  return parallel.OnMesh(jax.jit(step, donate_argnums=0), mesh)
 
 
 def run(config, workdir: str, policy=None) -> loop.LoopResult:

@@ -220,13 +220,19 @@ def model_rules(config: LlavaConfig) -> tuple[Rule, ...]:
                                                       config.text.tie_word_embeddings))
 
 
-def example_batch(config: LlavaConfig) -> dict[str, np.ndarray]:
-  """The smallest batch that runs every parameter: one image and one text token."""
+def example_batch(config: LlavaConfig, batch_size: int = 1,
+                  image_size: tuple[int, int] | None = None,
+                  text_tokens: int = 1) -> dict[str, np.ndarray]:
+  """A processor-style batch of zeros: `batch_size` rows of one image and `text_tokens` text
+  tokens (default: the smallest that runs every parameter). `image_size` is ignored: every
+  image is resized to the tower's fixed size."""
+  del image_size
   v = config.vision
-  ids = [1] + [config.image_token_id] * v.num_features + [2]
-  return {"input_ids": np.array([ids], np.int32),
-          "attention_mask": np.ones((1, len(ids)), np.int32),
-          "pixel_values": np.zeros((1, v.num_channels, v.image_size, v.image_size), np.float32)}
+  ids = [1] + [config.image_token_id] * v.num_features + [2] * text_tokens
+  return {"input_ids": np.array([ids] * batch_size, np.int32),
+          "attention_mask": np.ones((batch_size, len(ids)), np.int32),
+          "pixel_values": np.zeros((batch_size, v.num_channels, v.image_size, v.image_size),
+                                   np.float32)}
 
 
 def hf_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:

@@ -112,7 +112,9 @@ class Family:
   module: Callable[[Any], nn.Module]               # balcap config -> flax module
   rules: Callable[[Any], tuple[hf_io.Rule, ...]]   # checkpoint table
   prepare_inputs: Callable[..., dict]              # (config, processor batch) -> model inputs
-  example_batch: Callable[[Any], dict]             # a tiny processor-style batch for init
+  # (config, batch_size=1, image_size=None, text_tokens=1) -> a processor-style batch of
+  # zeros: the tiniest for init by default, or one of real shapes (ahead-of-time compilation)
+  example_batch: Callable[..., dict]
   hf_shapes: Callable[[Any], dict]                 # checkpoint shapes the params cannot tell
   # (folder with tokenizer files, config.model or None) -> processor
   processor_from_pretrained: Callable[..., Any]
@@ -198,13 +200,7 @@ def _forward(module: nn.Module, mesh: Mesh | None):
   def forward(params, inputs):
     return module.apply({"params": params}, **inputs)
 
-  if mesh is None:
-    return forward
-
-  def forward_on_mesh(params, inputs):
-    with nn.logical_axis_rules(parallel.LOGICAL_AXIS_RULES), jax.set_mesh(mesh):
-      return forward(params, inputs)
-  return forward_on_mesh
+  return parallel.OnMesh(forward, mesh)
 
 
 def _boxed_abstract_params(family: Family, config: Any) -> Any:

@@ -267,18 +267,29 @@ def model_rules(config: QwenVLConfig) -> tuple[Rule, ...]:
   return vision + lm_rules("lm", scan_layers=config.text.scan_layers)
 
 
-def example_batch(config: QwenVLConfig) -> dict[str, np.ndarray]:
-  """The smallest batch that runs every parameter: one image of 2x2 merged patches + text."""
+def example_batch(config: QwenVLConfig, batch_size: int = 1,
+                  image_size: tuple[int, int] | None = None,
+                  text_tokens: int = 1) -> dict[str, np.ndarray]:
+  """A processor-style batch of zeros: by default the smallest that runs every parameter (one
+  image of 2x2 merged patches + one text token); with sizes, `batch_size` rows each with an
+  image of `image_size` (height, width; multiples of patch x merge) and `text_tokens` text
+  tokens, the shapes a real batch of that kind has (ahead-of-time compilation)."""
   v = config.vision
-  side = 2 * v.spatial_merge_size
-  features = (side // v.spatial_merge_size) ** 2
+  if image_size is None:
+    grid_h = grid_w = 2 * v.spatial_merge_size
+  else:
+    unit = v.patch_size * v.spatial_merge_size
+    if image_size[0] % unit or image_size[1] % unit:
+      raise ValueError(f"image_size {image_size} must be multiples of {unit} px")
+    grid_h, grid_w = image_size[0] // v.patch_size, image_size[1] // v.patch_size
+  features = grid_h * grid_w // v.spatial_merge_size ** 2
   ids = [config.vision_start_token_id] + [config.image_token_id] * features + [
-      config.vision_end_token_id, 0]
-  return {"input_ids": np.array([ids], np.int32),
-          "attention_mask": np.ones((1, len(ids)), np.int32),
-          "pixel_values": np.zeros((side * side, v.in_channels * v.temporal_patch_size
-                                    * v.patch_size ** 2), np.float32),
-          "image_grid_thw": np.array([[1, side, side]], np.int64)}
+      config.vision_end_token_id] + [0] * text_tokens
+  return {"input_ids": np.array([ids] * batch_size, np.int32),
+          "attention_mask": np.ones((batch_size, len(ids)), np.int32),
+          "pixel_values": np.zeros((batch_size * grid_h * grid_w, v.in_channels
+                                    * v.temporal_patch_size * v.patch_size ** 2), np.float32),
+          "image_grid_thw": np.array([[1, grid_h, grid_w]] * batch_size, np.int64)}
 
 
 def hf_shapes(config: QwenVLConfig) -> dict[str, tuple[int, ...]]:

@@ -12,7 +12,6 @@ features through `image_row_offsets`), so the vision tower trains with the rest.
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -88,9 +87,4 @@ def make_update(module, optimizer: optax.GradientTransformation, loss_config: lo
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     return new_state, metrics
 
-  jitted = jax.jit(update, donate_argnums=0)
-
-  def on_mesh(state: dict[str, Any], batch: dict[str, Any]):
-    with parallel.mesh_context(mesh):
-      return jitted(state, batch)
-  return on_mesh
+  return parallel.OnMesh(jax.jit(update, donate_argnums=0), mesh)

@@ -1,0 +1,293 @@
+"""Every program one RL step (and SFT) runs, lowered with abstract inputs on a target mesh.
+
+Nothing is allocated and no weights are read: params, optimizer state and batches are
+`jax.ShapeDtypeStruct`s carrying the shardings a run gives them, built from the config alone
+(the architecture, or a checkpoint's config.json). Batches have the shapes of the configured
+settings: `rl.batch_size` prompts with one `compile.image_size` image each, G rollouts of
+`sampling.max_new_tokens` tokens (the longest the update can see), `rl.micro_batch_size`.
+Each program comes with its ideal cost (`ideal.py`) for the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from balcap import models, optim, parallel, sampling, scoring, sft
+from balcap.aot import ideal
+from balcap.models import decoding, policy as policy_lib
+from balcap.rl import losses, update
+
+# The programs, in the order a step runs them.
+PROGRAMS = ("sample", "sample_prefill", "sample_decode_step", "score", "update", "sft")
+
+
+@dataclasses.dataclass
+class Program:
+  name: str
+  lower: Callable[[], Any]      # -> jax.stages.Lowered
+  ideal_flops: float            # per device
+  ideal_bytes: float            # per device
+  repeats: int = 1              # how often one step runs it (decode step: new tokens)
+  note: str = ""
+
+
+def family_config(config):
+  """The family and its config for `config.model` (architecture, else the checkpoint's)."""
+  m = config.model
+  if m.architecture:
+    architecture = models.architecture_from_config(m)
+    return models.family_of(architecture.MODEL_TYPE), architecture
+  family, found = policy_lib.checkpoint_config(m.checkpoint)
+  return family, found.with_runtime(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                                    scan_layers=m.scan_layers)
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def abstract_inputs(arrays: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
+  """Host arrays as ShapeDtypeStructs sharded the way `parallel.global_inputs` places them."""
+  def abstract(value, sharding):
+    return jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype, sharding=sharding)
+  return {k: jax.tree.map(lambda v, s=parallel.input_sharding(k, mesh): abstract(v, s), value)
+          for k, value in arrays.items()}
+
+
+class Builder:
+  """The abstract params, state and batches of one config on one mesh."""
+
+  def __init__(self, config, mesh: Mesh):
+    self.config, self.mesh = config, mesh
+    self.family, self.model_config = family_config(config)
+    self.module = self.family.module(self.model_config)
+    # A policy without params: enough for the host-side preparation of batches.
+    self.policy = models.Policy(self.family, self.model_config, None, None, mesh)
+    boxed, _ = policy_lib._boxed_abstract_params(  # pylint: disable=protected-access
+        self.family, self.model_config)
+    self.params = _abstract(nn.unbox(boxed), parallel.param_shardings(boxed, mesh))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self.replicated = replicated
+    self.rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                    sharding=replicated)
+    leaves = jax.tree_util.tree_leaves_with_path(self.params)
+    self.vision_params = sum(int(np.prod(x.shape)) for p, x in leaves
+                             if jax.tree_util.keystr(p).startswith(("['visual']",
+                                                                    "['vision_tower']",
+                                                                    "['projector']")))
+    self.text_params = sum(int(np.prod(x.shape)) for _, x in leaves) - self.vision_params
+    self.dims = ideal.dims_of(self.model_config, self.text_params, self.vision_params)
+    self.compute_bytes = jnp.dtype(self.model_config.text.dtype).itemsize
+    self.devices = mesh.size
+    self.tensor = mesh.shape["tensor"]
+    self.batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  # Host-side batches of real shapes -------------------------------------------------------
+
+  def prompts(self, rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(processor-style batch, prepared prompts) of `rows` prompts with one image each."""
+    c = self.config
+    raw = self.family.example_batch(self.model_config, rows, tuple(c.compile.image_size),
+                                    c.compile.prompt_text_tokens)
+    return raw, sampling.prepare_prompts(self.policy, raw, c.sampling.prompt_bucket)
+
+  def patches_per_image(self, raw: dict[str, Any]) -> int:
+    pixels = raw["pixel_values"]
+    return (pixels.shape[0] // raw["input_ids"].shape[0] if pixels.ndim == 2
+            else self.model_config.vision.grid ** 2 + 1)
+
+  def spec(self) -> sampling.SamplingParams:
+    c = self.config
+    return sampling.sampling_params(self.policy, max_new_tokens=c.sampling.max_new_tokens,
+                                    num_samples=c.rl.group_size,
+                                    temperature=c.sampling.temperature, top_p=c.sampling.top_p,
+                                    top_k=c.sampling.top_k)
+
+  def state(self, optimizer) -> dict[str, Any]:
+    opt_shapes = jax.eval_shape(optimizer.init, self.params)
+    compiled = jax.jit(optimizer.init).lower(self.params).compile()
+    # Leaves that depend on no param (Adam's count) come out on one device; a run places them
+    # replicated on the mesh (train_state.initial_state).
+    shardings = jax.tree.map(lambda x: x if isinstance(x, NamedSharding) else self.replicated,
+                             compiled.output_shardings)
+    opt_state = _abstract(opt_shapes, shardings)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
+    return {"params": self.params, "opt_state": opt_state, "step": step, "rng": self.rng}
+
+  # Ideal costs ------------------------------------------------------------------------------
+
+  def weight_bytes(self, vision: bool = True) -> float:
+    """Bytes of every weight (of the decoder alone: `vision=False`) in the compute dtype that
+    one device reads for one use."""
+    count = self.text_params + (self.vision_params if vision else 0)
+    return count * self.compute_bytes / self.tensor
+
+  def forward_flops(self, rows, tokens, context, scored, images, patches) -> float:
+    return (ideal.text_flops(self.dims, rows, tokens, context, scored)
+            + ideal.vision_flops(self.model_config, self.dims, images, patches))
+
+  def training_factor(self) -> int:
+    return 4 if self.model_config.text.remat != "none" else 3
+
+  # The programs -----------------------------------------------------------------------------
+
+  def programs(self, names) -> list[Program]:
+    c, out = self.config, []
+    rows = c.rl.batch_size
+    group, steps = c.rl.group_size, c.sampling.max_new_tokens
+    raw, prepared = self.prompts(rows)
+    patches = self.patches_per_image(raw)
+    prompt_length = prepared["input_ids"].shape[1]
+    inputs = abstract_inputs({k: prepared[k] for k in sampling.SAMPLER_INPUTS
+                              if prepared.get(k) is not None}, self.mesh)
+    start = jax.ShapeDtypeStruct((rows,), jnp.int32,
+                                 sharding=parallel.input_sharding("start", self.mesh))
+    spec = self.spec()
+    prefill_flops = self.forward_flops(rows, prompt_length, prompt_length, 1, rows, patches)
+    rollouts = rows * group
+    context = prompt_length + steps
+    decode_flops = self.forward_flops(rollouts, 1, context, 1, 0, 0)
+    kv_bytes = (2 * self.dims.text_layers * self.dims.kv_heads * self.dims.head_dim
+                * jnp.dtype(spec.cache_dtype).itemsize)
+    # A decode step reads each row's prefix and suffix keys/values and writes one token's.
+    cache_read = (rows * prompt_length + rollouts * steps) * kv_bytes
+    decode_bytes = (self.weight_bytes(vision=False)
+                    + (cache_read + rollouts * kv_bytes) / self.batch_shards / self.tensor)
+    if "sample" in names:
+      program = sampling._program(self.module, spec, self.mesh)  # pylint: disable=protected-access
+      # No ideal here: XLA's cost analysis counts the decode loop's body once, so this row
+      # holds the sampler's memory; its time is sample_prefill + steps x sample_decode_step.
+      out.append(Program("sample", lambda: program.lower(self.params, inputs, start, self.rng),
+                         0.0, 0.0,
+                         note=f"{rows} prompts x G {group}, {steps} new tokens, prompt "
+                              f"{prompt_length}"))
+    if "sample_prefill" in names or "sample_decode_step" in names:
+      out += self._sampler_parts(names, inputs, spec, prefill_flops, decode_flops,
+                                 decode_bytes, steps)
+    if not {"score", "update"} & set(names):
+      return out + (self._sft() if "sft" in names else [])
+    tokens = np.zeros((rollouts, steps), np.int32)
+    continuation, prompt_length = scoring.continuation_batch(
+        self.policy, raw, tokens, np.full((rollouts,), steps), group, c.sampling.prompt_bucket)
+    continuation = abstract_inputs(continuation, self.mesh)
+    row_spec = parallel.input_sharding("tokens", self.mesh)
+    abstract_tokens = jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=row_spec)
+    total = prompt_length + steps
+    score_flops = self.forward_flops(rollouts, total, total, steps, rows, patches)
+    if "score" in names:
+      temperature = c.sampling.temperature or 1.0
+      out.append(Program(
+          "score", lambda: _lower_score(self, continuation, prompt_length, abstract_tokens,
+                                        temperature),
+          score_flops / self.devices, self.weight_bytes(),
+          note=f"{rollouts} rollouts of {prompt_length} + {steps} tokens"))
+    if "update" in names:
+      out.append(self._update(continuation, abstract_tokens, prompt_length, score_flops))
+    if "sft" in names:
+      out += self._sft()
+    return out
+
+  def _sampler_parts(self, names, inputs, spec, prefill_flops, decode_flops, decode_bytes,
+                     steps) -> list[Program]:
+    module, params = self.module, self.params
+    out = []
+
+    def prefill(params, inputs):
+      return module.apply({"params": params}, **inputs, method=module.prefill)
+    prefill_program = parallel.OnMesh(jax.jit(prefill), self.mesh)
+    if "sample_prefill" in names:
+      out.append(Program("sample_prefill", lambda: prefill_program.lower(params, inputs),
+                         prefill_flops / self.devices, self.weight_bytes()))
+    if "sample_decode_step" in names:
+      group = spec.num_samples
+      with parallel.mesh_context(self.mesh):
+        _, prefix_kv = jax.eval_shape(prefill, params, inputs)
+        cache_shapes = jax.eval_shape(
+            lambda kv: decoding.init_cache(kv, group, steps, jnp.dtype(spec.cache_dtype)),
+            prefix_kv)
+      cache = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.logical_sharding(
+              self.mesh, (("layers",) if x.ndim == 5 else ()) + (
+                  "batch", "kv_heads", "length", "head_dim"))), cache_shapes)
+      rollouts = inputs["input_ids"].shape[0] * group
+      rows = parallel.input_sharding("tokens", self.mesh)
+      token = jax.ShapeDtypeStruct((rollouts,), jnp.int32, sharding=rows)
+      prefix_mask = jax.ShapeDtypeStruct(inputs["attention_mask"].shape, jnp.bool_,
+                                         sharding=inputs["attention_mask"].sharding)
+      step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
+
+      def decode_step(params, token, positions, cache, prefix_mask, step):
+        return module.apply({"params": params}, token, positions, cache,
+                            decoding.DecodeMask(prefix_mask, step), method=module.decode)
+      program = parallel.OnMesh(jax.jit(decode_step, donate_argnums=(3,)), self.mesh)
+      out.append(Program("sample_decode_step",
+                         lambda: program.lower(params, token, token, cache, prefix_mask, step),
+                         decode_flops / self.devices, decode_bytes, repeats=steps,
+                         note="one generated token for every rollout"))
+    return out
+
+  def _update(self, continuation, tokens, prompt_length, score_flops) -> Program:
+    c = self.config
+    rl = c.rl
+    rollouts = tokens.shape[0]
+    optimizer = optim.make_optimizer(optim.from_config(rl.optimizer), total_steps=rl.num_steps)
+    micro = rollouts // rl.micro_batch_size if rl.micro_batch_size else 1
+    loss_config = losses.from_config(rl.loss)
+    program = update.make_update(
+        self.module, optimizer, loss_config, prompt_length=prompt_length,
+        num_micro_batches=micro, num_passes=rl.num_inner_updates,
+        temperature=c.sampling.temperature or 1.0, mesh=self.mesh)
+    row = parallel.input_sharding("tokens", self.mesh)
+    batch = {"inputs": continuation, "tokens": tokens,
+             "mask": jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=row),
+             "old_logprobs": jax.ShapeDtypeStruct(tokens.shape, jnp.float32, sharding=row),
+             "advantages": jax.ShapeDtypeStruct((rollouts,), jnp.float32, sharding=row)}
+    if loss_config.kl_coef > 0:
+      batch["ref_logprobs"] = batch["old_logprobs"]
+    state = self.state(optimizer)
+    passes = rl.num_inner_updates
+    shard_bytes = 4 * (self.text_params + self.vision_params) / self.devices
+    ideal_bytes = passes * (micro * 2 * self.weight_bytes() + 8 * shard_bytes)
+    return Program("update", lambda: program.lower(state, batch),
+                   passes * self.training_factor() * score_flops / self.devices, ideal_bytes,
+                   note=f"{rollouts} rollouts, {micro} micro-batches, {passes} pass(es), remat "
+                        f"{self.model_config.text.remat}")
+
+  def _sft(self) -> list[Program]:
+    c = self.config
+    if c.sft.num_steps <= 0:
+      return []
+    rows, length = c.sft.batch_size, c.sft.max_length
+    probe = self.family.example_batch(self.model_config, 1, tuple(c.compile.image_size), 1)
+    text = max(1, length - probe["input_ids"].shape[1] + 1)
+    raw = self.family.example_batch(self.model_config, rows, tuple(c.compile.image_size), text)
+    prepared = self.family.prepare_batch(self.model_config, raw)
+    prepared["loss_mask"] = np.ones_like(prepared["input_ids"], np.int32)
+    inputs = abstract_inputs({k: v for k, v in prepared.items()
+                              if k in sft.MODEL_INPUTS + ("loss_mask",) and v is not None},
+                             self.mesh)
+    optimizer = optim.make_optimizer(optim.from_config(c.sft.optimizer),
+                                     total_steps=c.sft.num_steps)
+    program = sft.make_step(self.module, optimizer, self.mesh)
+    state = self.state(optimizer)
+    tokens = prepared["input_ids"].shape[1]
+    flops = self.training_factor() * self.forward_flops(
+        rows, tokens, tokens, tokens, rows, self.patches_per_image(raw))
+    shard_bytes = 4 * (self.text_params + self.vision_params) / self.devices
+    return [Program("sft", lambda: program.lower(state, inputs), flops / self.devices,
+                    2 * self.weight_bytes() + 8 * shard_bytes,
+                    note=f"{rows} chats of {tokens} tokens")]
+
+
+def _lower_score(builder: Builder, inputs, prompt_length, tokens, temperature):
+  with parallel.mesh_context(builder.mesh):
+    return scoring._continuation_logprobs.lower(  # pylint: disable=protected-access
+        builder.module, builder.params, inputs, prompt_length, tokens, float(temperature))

@@ -1,0 +1,88 @@
+"""Mode `compile`: every program of a step compiled for a simulated 8-device mesh, the report's
+fields, and a nonzero exit naming the program that does not fit a (deliberately tiny) chip."""
+
+import json
+
+import pytest
+
+from balcap.aot import hardware, report
+from test_main import balcap_main
+from testlib import REPO
+
+_TINY = [f"--config={REPO}/configs/tiny.py:mode=compile", "--config.compile.image_size=(224,224)",
+         "--config.rl.batch_size=8", "--config.sampling.max_new_tokens=16",
+         "--config.sft.max_length=96"]
+
+
+def test_every_program_compiles_and_is_reported(tmp_path):
+  done = balcap_main(*_TINY, "--config.compile.accelerator=h100",
+                     f"--workdir={tmp_path / 'run'}", tmp_path=tmp_path, devices=8)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads((tmp_path / "run" / "compile.json").read_text())
+  assert result["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert result["accelerator"]["name"] == "H100 SXM 80GB" and result["capacity"] == 80e9
+  assert set(result["programs"]) == {"sample", "sample_prefill", "sample_decode_step", "score",
+                                     "update", "sft"}
+  for name, program in result["programs"].items():
+    memory = program["memory"]
+    assert memory["total"] == (memory["arguments"] + memory["outputs"] - memory["aliased"]
+                               + memory["temporaries"] + memory["code"]) > 0, name
+    assert program["fits"] and program["headroom"] == 80e9 - memory["total"]
+    assert program["flops"] > 0 and program["bytes_accessed"] > 0, name
+    roof = program["roofline"]
+    assert roof["seconds"] == max(roof["compute_seconds"], roof["memory_seconds"])
+    assert roof["bound"] in ("compute", "memory")
+  # Gradients are all-reduced over the 8 data shards; the decode step needs no collective.
+  assert result["programs"]["update"]["collectives"]["all-reduce"]["count"] >= 1
+  assert result["programs"]["sample_decode_step"]["repeats"] == 16
+  assert result["sampler_roofline_seconds"] > 0
+  for row in ("sample_decode_step", "update", "sft", "mem GiB", "roofline"):
+    assert row in done.stdout
+
+
+def test_a_program_that_does_not_fit_exits_nonzero_naming_it(tmp_path):
+  done = balcap_main(*_TINY, "--config.compile.programs=('sample_decode_step','update')",
+                     "--config.compile.capacity_gib=0.001", f"--workdir={tmp_path / 'run'}",
+                     tmp_path=tmp_path, devices=8)
+  assert done.returncode != 0
+  assert "update needs" in done.stderr and "GiB over the 0.00 GiB capacity" in done.stderr
+  assert "Traceback" not in done.stderr
+  result = json.loads((tmp_path / "run" / "compile.json").read_text())  # written first
+  assert result["programs"]["update"]["fits"] is False
+
+
+def test_collectives_are_read_from_hlo_text():
+  hlo = "\n".join([
+      "  %all-reduce.1 = f32[256,128]{1,0} all-reduce(%x), channel_id=1, replica_groups={}",
+      "  %ag = (bf16[8,1024]{1,0}, bf16[8]{0}) all-gather-start(%y, %z), dimensions={0}",
+      "  %rs = f32[4]{0} reduce-scatter(%w), dimensions={0}",
+      "  %add = f32[256]{0} add(%a, %b)"])
+  found = report.collectives(hlo)
+  assert found == {"all-reduce": {"count": 1, "bytes": 256 * 128 * 4},
+                   "all-gather": {"count": 1, "bytes": 8 * 1024 * 2 + 8 * 2},
+                   "reduce-scatter": {"count": 1, "bytes": 16}}
+
+
+def test_a_compiler_out_of_memory_is_a_program_that_does_not_fit():
+  failure = report._failure(RuntimeError(  # pylint: disable=protected-access
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+      "temporaries (67.77G) exceeds available HBM (15.75G)."))
+  assert failure["fits"] is False and failure["over"] == "HLO temporaries"
+  assert failure["required"] == pytest.approx(67.77 * 2 ** 30)
+  assert failure["available"] == pytest.approx(15.75 * 2 ** 30)
+
+
+@pytest.mark.parametrize("name,expected", [("v5e-64", ("v5e", "v5e:8x8", 64)),
+                                           ("v5p-32", ("v5p", "v5p:2x2x4", 16)),
+                                           ("v4-32", ("v4", "v4:2x2x4", 16)),
+                                           ("v6e-16", ("v6e", "v6e:4x4", 16)),
+                                           ("v5e:4x8", ("v5e", "v5e:4x8", 32))])
+def test_tpu_slice_names(name, expected):
+  assert hardware.tpu_topology(name) == expected
+
+
+def test_unknown_slices_are_refused():
+  with pytest.raises(ValueError, match="use a slice name such as v5e-64"):
+    hardware.tpu_topology("v3-8")
+  with pytest.raises(ValueError, match="is not a size balcap knows"):
+    hardware.tpu_topology("v5e-48")
