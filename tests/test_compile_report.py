@@ -86,3 +86,19 @@ def test_unknown_slices_are_refused():
     hardware.tpu_topology("v3-8")
   with pytest.raises(ValueError, match="is not a size balcap knows"):
     hardware.tpu_topology("v5e-48")
+
+
+def test_costs_count_every_scanned_layer(tmp_path):
+  # XLA counts a loop body once: measured as it runs, a scanned decoder would show one
+  # layer's FLOPs. The report unrolls the scans for its costs, so scanned and unrolled layers
+  # cost the same.
+  flops = {}
+  for scan in (True, False):
+    workdir = tmp_path / f"scan{scan}"
+    done = balcap_main(*_TINY, "--config.compile.programs=('score',)",
+                       f"--config.model.scan_layers={scan}", f"--workdir={workdir}",
+                       tmp_path=tmp_path, devices=8)
+    assert done.returncode == 0, done.stderr[-3000:]
+    flops[scan] = json.loads((workdir / "compile.json").read_text())["programs"]["score"][
+        "flops"]
+  assert flops[True] == pytest.approx(flops[False], rel=0.02)

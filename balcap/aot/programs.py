@@ -30,12 +30,20 @@ PROGRAMS = ("sample", "sample_prefill", "sample_decode_step", "score", "update",
 
 @dataclasses.dataclass
 class Program:
+  """One program to compile. Its memory is that of `lower()`; its FLOPs and bytes are
+  sum(coefficient x cost) over `cost_parts` (default: `lower` itself), each part lowered with
+  every layer scan unrolled: XLA's cost analysis counts a loop body once, so loops must be
+  unrolled (layers) or measured at two trip counts and extrapolated (micro-batches)."""
   name: str
   lower: Callable[[], Any]      # -> jax.stages.Lowered
   ideal_flops: float            # per device
   ideal_bytes: float            # per device
   repeats: int = 1              # how often one step runs it (decode step: new tokens)
   note: str = ""
+  cost_parts: list[tuple[float, Callable[[], Any]]] | None = None
+
+  def costs(self) -> list[tuple[float, Callable[[], Any]]]:
+    return self.cost_parts if self.cost_parts is not None else [(1.0, self.lower)]
 
 
 def family_config(config):
@@ -241,25 +249,37 @@ class Builder:
     optimizer = optim.make_optimizer(optim.from_config(rl.optimizer), total_steps=rl.num_steps)
     micro = rollouts // rl.micro_batch_size if rl.micro_batch_size else 1
     loss_config = losses.from_config(rl.loss)
-    program = update.make_update(
-        self.module, optimizer, loss_config, prompt_length=prompt_length,
-        num_micro_batches=micro, num_passes=rl.num_inner_updates,
-        temperature=c.sampling.temperature or 1.0, mesh=self.mesh)
-    row = parallel.input_sharding("tokens", self.mesh)
-    batch = {"inputs": continuation, "tokens": tokens,
-             "mask": jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=row),
-             "old_logprobs": jax.ShapeDtypeStruct(tokens.shape, jnp.float32, sharding=row),
-             "advantages": jax.ShapeDtypeStruct((rollouts,), jnp.float32, sharding=row)}
-    if loss_config.kl_coef > 0:
-      batch["ref_logprobs"] = batch["old_logprobs"]
     state = self.state(optimizer)
     passes = rl.num_inner_updates
+    row = parallel.input_sharding("tokens", self.mesh)
+
+    def lowered(num_micro: int, num_passes: int, rows: int):
+      program = update.make_update(
+          self.module, optimizer, loss_config, prompt_length=prompt_length,
+          num_micro_batches=num_micro, num_passes=num_passes,
+          temperature=c.sampling.temperature or 1.0, mesh=self.mesh)
+      shape = (rows, tokens.shape[1])
+      batch = {"inputs": _first_rows(continuation, rows),
+               "tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=row),
+               "mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=row),
+               "old_logprobs": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=row),
+               "advantages": jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=row)}
+      if loss_config.kl_coef > 0:
+        batch["ref_logprobs"] = batch["old_logprobs"]
+      return program.lower(state, batch)
+
+    # Costs: one pass with 1 and with 2 micro-batches of the real size (every micro-batch
+    # with the whole batch's images, as the real one has): C(n) = C1 + (n - 1)(C2 - C1).
+    size = rollouts // micro
+    parts = [(passes * (2.0 - micro), lambda: lowered(1, 1, size))]
+    if micro > 1:
+      parts.append((passes * (micro - 1.0), lambda: lowered(2, 1, 2 * size)))
     shard_bytes = 4 * (self.text_params + self.vision_params) / self.devices
     ideal_bytes = passes * (micro * 2 * self.weight_bytes() + 8 * shard_bytes)
-    return Program("update", lambda: program.lower(state, batch),
+    return Program("update", lambda: lowered(micro, passes, rollouts),
                    passes * self.training_factor() * score_flops / self.devices, ideal_bytes,
                    note=f"{rollouts} rollouts, {micro} micro-batches, {passes} pass(es), remat "
-                        f"{self.model_config.text.remat}")
+                        f"{self.model_config.text.remat}", cost_parts=parts)
 
   def _sft(self) -> list[Program]:
     c = self.config
@@ -285,6 +305,20 @@ class Builder:
     return [Program("sft", lambda: program.lower(state, inputs), flops / self.devices,
                     2 * self.weight_bytes() + 8 * shard_bytes,
                     note=f"{rows} chats of {tokens} tokens")]
+
+
+def _first_rows(inputs: dict[str, Any], rows: int) -> dict[str, Any]:
+  """The continuation batch's first `rows` rollouts, with every prompt's images (shared)."""
+  out = {}
+  for key, value in inputs.items():
+    axis = parallel.BATCH_AXIS_OF.get(key, 0)
+    if axis is None:
+      out[key] = value
+      continue
+    shape = list(value.shape)
+    shape[axis] = rows
+    out[key] = jax.ShapeDtypeStruct(tuple(shape), value.dtype, sharding=value.sharding)
+  return out
 
 
 def _lower_score(builder: Builder, inputs, prompt_length, tokens, temperature):

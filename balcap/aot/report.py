@@ -14,12 +14,12 @@ the chip (max of FLOPs / peak and bytes / HBM bandwidth, and which bound), and t
 FLOPs and bytes (`ideal.py`) beside the compiled ones. A program that does not fit makes the
 command exit nonzero naming it and by how much, after the report is written.
 
-XLA's cost analysis counts a loop body once. So the decode loop is reported through its parts
+XLA's cost analysis counts a loop body once. So FLOPs and bytes are measured on programs
+lowered again with every layer scan unrolled (`layers.unrolled_scans`: same params, no loop);
+the update's micro-batch loop is measured at one and two micro-batches and extrapolated
+linearly (`programs.Program.cost_parts`); the decode loop is reported through its parts
 (`sample` holds the whole sampler's memory; its time is `sample_prefill` plus
-`sample_decode_step` times the new tokens), and a model whose layers are scanned
-(`config.model.scan_layers`, and Qwen's vision blocks always) shows one layer's FLOPs and
-bytes per scan: there the compiled/ideal ratios undercount, and the ideal roofline
-(`ideal_seconds`) is the estimate to read. Memory is exact either way.
+`sample_decode_step` times the new tokens). Memory is that of the program as it runs.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import jax
 
 from balcap import configs, parallel
 from balcap.aot import hardware, programs
+from balcap.models import layers
 
 GIB = 2 ** 30
 _COLLECTIVE = re.compile(
@@ -79,9 +80,17 @@ def analyze(program: programs.Program, target: hardware.Target,
             "code": stats.generated_code_size_in_bytes}
   memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
                      + memory["temporaries"] + memory["code"])
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-  flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  flops = accessed = 0.0
+  for coefficient, lower in program.costs():
+    if coefficient == 0:
+      continue
+    jax.clear_caches()  # the scans' unrolling is read when tracing: trace again
+    with layers.unrolled_scans():
+      cost = lower().compile().cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    flops += coefficient * float(cost.get("flops", 0.0))
+    accessed += coefficient * float(cost.get("bytes accessed", 0.0))
+  jax.clear_caches()
   result = {"note": program.note, "compile_seconds": round(seconds, 1), "memory": memory,
             "flops": flops, "bytes_accessed": accessed, "repeats": program.repeats,
             "ideal_flops": program.ideal_flops, "ideal_bytes": program.ideal_bytes,

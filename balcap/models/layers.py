@@ -11,7 +11,9 @@ Conventions of all balcap models:
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+from typing import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -176,3 +178,27 @@ def maybe_remat(module_class, policy: str):
   if policy == "none":
     return module_class
   return nn.remat(module_class, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanned layers, unrolled for cost analysis
+
+# XLA's cost analysis counts a loop body once, so a model with scanned layers reports one
+# layer's FLOPs. Under `unrolled_scans()` every nn.scan over layers is fully unrolled (same
+# params, same results, no loop), which is how `balcap.aot` measures a program's real costs.
+_UNROLL_SCANS = contextvars.ContextVar("unroll_scans", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_scans() -> Iterator[None]:
+  """Layer scans built (traced) inside this context are fully unrolled."""
+  token = _UNROLL_SCANS.set(True)
+  try:
+    yield
+  finally:
+    _UNROLL_SCANS.reset(token)
+
+
+def scan_unroll(length: int) -> int:
+  """The `unroll` of a layer scan of `length` steps: 1 (a loop), or all of them."""
+  return length if _UNROLL_SCANS.get() else 1

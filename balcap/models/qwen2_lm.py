@@ -163,7 +163,7 @@ class QwenLM(nn.Module):
     if c.scan_layers:
       self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
-                            length=c.num_layers,
+                            length=c.num_layers, unroll=layers.scan_unroll(c.num_layers),
                             metadata_params={nn.PARTITION_NAME: "layers"})(c)
     else:
       self.layers = [layer(c, name=f"layers_{i}") for i in range(c.num_layers)]

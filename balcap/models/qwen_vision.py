@@ -382,6 +382,7 @@ class QwenVisionTower(nn.Module):
     block = layers.maybe_remat(VisionBlock, c.remat)
     blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
+                     unroll=layers.scan_unroll(c.depth),
                      metadata_params={nn.PARTITION_NAME: "layers"})(c, name="blocks")
     layout = {k: layout[k] for k in LAYOUT_FIELDS}
     x, _ = blocks(x, jnp.asarray(full_attention), cos, sin, layout)
