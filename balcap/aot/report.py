@@ -142,7 +142,7 @@ def table(report: dict[str, Any]) -> str:
            + (f", capacity {report['capacity'] / GIB:.1f} GiB/device" if report.get("capacity")
               else ""),
            f"{'program':20s}{'mem GiB':>9s}{'headroom':>10s}{'TFLOP':>9s}{'x ideal':>8s}"
-           f"{'GB':>9s}{'x ideal':>8s}{'roofline':>11s}{'bound':>8s}  collectives"]
+           f"{'GB':>9s}{'x ideal':>8s}{'roofline':>16s}{'bound':>8s}  collectives"]
   for name, r in report["programs"].items():
     if "error" in r and r.get("fits") is False:
       lines.append(f"{name:20s} DOES NOT FIT: {r['over']} need {r['required'] / GIB:.2f} GiB, "
@@ -152,9 +152,9 @@ def table(report: dict[str, Any]) -> str:
       lines.append(f"{name:20s} failed to compile: {r['error'][:200]}")
       continue
     roof = r.get("roofline")
-    seconds = f"{roof['seconds'] * 1e3:9.1f}ms" if roof else f"{'-':>11s}"
+    seconds = f"{roof['seconds'] * 1e3:.1f}ms" if roof else "-"
     if roof and r["repeats"] > 1:
-      seconds = f"{roof['seconds'] * 1e3:6.2f}ms x{r['repeats']}"
+      seconds = f"{roof['seconds'] * 1e3:.2f}ms x{r['repeats']}"
     ops = ", ".join(f"{op} {int(v['count'])} ({v['bytes'] / 1e6:.0f} MB)"
                     for op, v in sorted(r["collectives"].items())) or "-"
     ratio = lambda x: f"{x:8.2f}" if x else f"{'-':>8s}"  # noqa: E731
@@ -162,7 +162,7 @@ def table(report: dict[str, Any]) -> str:
         f"{name:20s}{_gib(r['memory']['total'])} "
         f"{_gib(r['headroom']) if 'headroom' in r else '       -'} "
         f"{r['flops'] / 1e12:8.2f}{ratio(r['flops_vs_ideal'])}{r['bytes_accessed'] / 1e9:9.2f}"
-        f"{ratio(r['bytes_vs_ideal'])}{seconds:>11s}{(roof or {}).get('bound', '-'):>8s}  {ops}")
+        f"{ratio(r['bytes_vs_ideal'])} {seconds:>15s}{(roof or {}).get('bound', '-'):>8s}  {ops}")
   if "sampler_roofline_seconds" in report:
     lines.append(f"sampler (prefill + decode steps): roofline "
                  f"{report['sampler_roofline_seconds']:.2f} s, ideal "
