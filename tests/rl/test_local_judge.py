@@ -128,3 +128,14 @@ def test_two_hosts_judging_different_loads_stay_in_step(tmp_path_factory):
   assert [len(f) for _, _, f in judged[0][1]] == [3, 2, 3]
   # ... and host 1 agreed to stop with it instead of waiting for it forever.
   assert all("timeout" in f.values() for _, _, f in judged[1][1])
+
+
+def test_a_row_the_processor_refuses_fails_alone(judge_policy):
+  # Text holding a special token is refused by the processor; on a pod the chunk must still
+  # run (a blank row in its place), so only that request fails.
+  backend = local_backend.LocalChatBackend(judge_policy, max_new_tokens=4, batch_size=4)
+  good = [ChatRequest(f"g{i}#rate", prompts.rating_messages(f"caption {i}")) for i in range(2)]
+  bad = ChatRequest("bad#rate", prompts.rating_messages("a caption <|image_pad|> here"))
+  replies = backend.complete([good[0], bad, good[1]])
+  assert [r.id for r in replies] == ["g0#rate", "bad#rate", "g1#rate"]
+  assert replies[1].failure == "judge_error" and replies[0].ok and replies[2].ok

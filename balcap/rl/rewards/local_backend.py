@@ -20,7 +20,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from PIL import Image
 
 from balcap import parallel, sampling
@@ -140,27 +139,48 @@ class LocalChatBackend:
 
   def _answer(self, chunk, rendered, key: str) -> dict[str, ChatReply]:
     system, temperature, max_tokens, with_image = json.loads(key)
+    processor = self._processor(system)
     rows = [rendered[r.id] for r in chunk]
     # Padding rows (a short or, on another host's behalf, empty chunk): their answers are
     # dropped, but they keep the program's shape equal on every host.
     blank = (system, "", [Image.new("RGB", (56, 56), (128, 128, 128))] if with_image else [])
     rows += [blank] * (self.batch_size - len(rows) if self.policy.mesh is not None
                        else 0 if rows else 1)
+    replies: dict[str, ChatReply] = {}
+    try:
+      batch = _processed(processor, rows, with_image)
+    except (ValueError, TypeError):
+      # Some row the processor refuses (a caption holding a special token, say): it fails
+      # alone and a blank row takes its place, so this host still runs the program below in
+      # step with the others.
+      for i, request in enumerate(chunk):
+        try:
+          _processed(processor, [rows[i]], with_image)
+        except (ValueError, TypeError) as e:
+          log.warning("local judge: request %s cannot be processed: %s", request.id, e)
+          replies[request.id] = ChatReply(request.id, failure="judge_error")
+          rows[i] = blank
+      batch = _processed(processor, rows, with_image)
     self._rng, rng = jax.random.split(self._rng)  # split alike on every host
     try:
-      processor = self._processor(system)
-      batch = processor(prompts=[text for _, text, _ in rows],
-                        images=[images for _, _, images in rows] if with_image else None)
       rollouts = sampling.generate(self.policy, self.policy.params, batch, rng,
                                    max_new_tokens=min(max_tokens, self.max_new_tokens),
                                    temperature=temperature)
       tokens = parallel.host_local(rollouts.tokens)
       lengths = parallel.host_local(rollouts.lengths)
-      return {r.id: ChatReply(r.id, text=processor.decode(tokens[i, :lengths[i]]))
-              for i, r in enumerate(chunk)}
     except Exception:  # pylint: disable=broad-except
       log.exception("local judge: a chunk of %d requests failed", len(chunk))
       return {r.id: ChatReply(r.id, failure="judge_error") for r in chunk}
+    for i, request in enumerate(chunk):
+      replies.setdefault(request.id, ChatReply(
+          request.id, text=processor.decode(tokens[i, :lengths[i]])))
+    return replies
+
+
+def _processed(processor, rows, with_image: bool) -> dict[str, Any]:
+  """The processor batch of rendered rows (system, text, images)."""
+  return processor(prompts=[text for _, text, _ in rows],
+                   images=[images for _, _, images in rows] if with_image else None)
 
 
 def LocalJudge(policy, *, name: str = "local",  # pylint: disable=invalid-name
