@@ -74,7 +74,7 @@ def test_a_mode_this_version_lacks_says_what_it_needs(tmp_path):
   done = balcap_main("--config=configs/tiny.py:mode=eval", tmp_path=tmp_path)
   assert done.returncode == 1
   assert "config.mode='eval' needs a checkpoint reader" in done.stderr
-  assert "modes available: ['caption', 'data', 'sft', 'train']" in done.stderr
+  assert "modes available: ['caption', 'compile', 'data', 'sft', 'train']" in done.stderr
 
 
 def test_config_errors_name_the_field_and_the_fix_before_any_work(tmp_path):
