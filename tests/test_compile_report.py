@@ -3,11 +3,14 @@ fields, and a nonzero exit naming the program that does not fit a (deliberately 
 
 import json
 
+import jax
 import pytest
 
-from balcap.aot import hardware, report
+from balcap import parallel
+from balcap.aot import hardware, programs, report
+from balcap.models import layers
 from test_main import balcap_main
-from testlib import REPO
+from testlib import REPO, load_config_file
 
 _TINY = [f"--config={REPO}/configs/tiny.py:mode=compile", "--config.compile.image_size=(224,224)",
          "--config.rl.batch_size=8", "--config.sampling.max_new_tokens=16",
@@ -102,3 +105,23 @@ def test_costs_count_every_scanned_layer(tmp_path):
     flops[scan] = json.loads((workdir / "compile.json").read_text())["programs"]["score"][
         "flops"]
   assert flops[True] == pytest.approx(flops[False], rel=0.02)
+
+
+def test_update_costs_extrapolated_from_two_micro_batches_equal_the_whole_loop():
+  # The update's costs come from 1 and 2 micro-batches, extrapolated to 8; compiling all 8
+  # unrolled must give the same FLOPs (each micro-batch encodes every image again, so they
+  # are not the 1-micro-batch program's).
+  config = load_config_file("tiny", "mode=compile")
+  config.compile.image_size = (224, 224)
+  config.rl.batch_size, config.sampling.max_new_tokens = 8, 16
+  config.rl.micro_batch_size = 8  # 64 rollouts: 8 micro-batches
+  (update,) = programs.Builder(config, parallel.make_mesh(config.mesh)).programs(("update",))
+
+  def flops(lower):
+    jax.clear_caches()
+    with layers.unrolled_scans():
+      return lower().compile().cost_analysis()["flops"]
+  extrapolated = sum(c * flops(lower) for c, lower in update.costs() if c)
+  one_micro_batch = flops(update.costs()[0][1])
+  assert extrapolated == pytest.approx(flops(update.lower), rel=0.01)
+  assert extrapolated > 1.5 * one_micro_batch

@@ -269,7 +269,8 @@ class Builder:
       return program.lower(state, batch)
 
     # Costs: one pass with 1 and with 2 micro-batches of the real size (every micro-batch
-    # with the whole batch's images, as the real one has): C(n) = C1 + (n - 1)(C2 - C1).
+    # with the whole batch's images, as the real one has; the micro-batch loop unrolled like
+    # the layers): C(n) = C1 + (n - 1)(C2 - C1), times the passes.
     size = rollouts // micro
     parts = [(passes * (2.0 - micro), lambda: lowered(1, 1, size))]
     if micro > 1:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from balcap import optim, parallel
+from balcap.models import layers
 from balcap.rl import losses
 from balcap.scoring import token_logprobs
 
@@ -71,14 +72,17 @@ def make_update(module, optimizer: optax.GradientTransformation, loss_config: lo
         return jax.tree.map(jnp.add, grads, micro_grads), stats
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      grads, stats = jax.lax.scan(accumulate, zeros, micro_batches)
+      # (Unrolled only where balcap.aot measures costs: XLA counts a loop body once.)
+      grads, stats = jax.lax.scan(accumulate, zeros, micro_batches,
+                                  unroll=layers.scan_unroll(num_micro_batches))
       updates, opt_state = optimizer.update(grads, opt_state, params)
       stats = losses.combine_micro_batch_stats(stats)  # the whole batch's, not a mean of means
       stats["grad_norm"] = optim.grad_norm(grads)
       return (optim.apply_updates(params, updates), opt_state), stats
 
     (params, opt_state), pass_stats = jax.lax.scan(
-        one_pass, (state["params"], state["opt_state"]), None, length=num_passes)
+        one_pass, (state["params"], state["opt_state"]), None, length=num_passes,
+        unroll=layers.scan_unroll(num_passes))
     # The first pass's statistics are those of the batch as sampled (ratio 1 when the old
     # logprobs are this step's parameters); later passes show how far the policy moved.
     metrics = {f"update/{k}": v[0] for k, v in pass_stats.items()}
