@@ -142,7 +142,7 @@ def table(report: dict[str, Any]) -> str:
            + (f", capacity {report['capacity'] / GIB:.1f} GiB/device" if report.get("capacity")
               else ""),
            f"{'program':20s}{'mem GiB':>9s}{'headroom':>10s}{'TFLOP':>9s}{'x ideal':>8s}"
-           f"{'GB':>9s}{'x ideal':>8s}{'roofline':>16s}{'bound':>8s}  collectives"]
+           f"{'GB':>10s}{'x ideal':>8s}{'roofline':>16s}{'bound':>8s}  collectives"]
   for name, r in report["programs"].items():
     if "error" in r and r.get("fits") is False:
       lines.append(f"{name:20s} DOES NOT FIT: {r['over']} need {r['required'] / GIB:.2f} GiB, "
@@ -161,7 +161,7 @@ def table(report: dict[str, Any]) -> str:
     lines.append(
         f"{name:20s}{_gib(r['memory']['total'])} "
         f"{_gib(r['headroom']) if 'headroom' in r else '       -'} "
-        f"{r['flops'] / 1e12:8.2f}{ratio(r['flops_vs_ideal'])}{r['bytes_accessed'] / 1e9:9.2f}"
+        f"{r['flops'] / 1e12:8.2f}{ratio(r['flops_vs_ideal'])} {r['bytes_accessed'] / 1e9:9.1f}"
         f"{ratio(r['bytes_vs_ideal'])} {seconds:>15s}{(roof or {}).get('bound', '-'):>8s}  {ops}")
   if "sampler_roofline_seconds" in report:
     lines.append(f"sampler (prefill + decode steps): roofline "
