@@ -86,12 +86,11 @@ class Builder:
     self.replicated = replicated
     self.rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                     sharding=replicated)
+    # Both families keep the decoder under "lm"; the rest is the vision tower and projector.
     leaves = jax.tree_util.tree_leaves_with_path(self.params)
-    self.vision_params = sum(int(np.prod(x.shape)) for p, x in leaves
-                             if jax.tree_util.keystr(p).startswith(("['visual']",
-                                                                    "['vision_tower']",
-                                                                    "['projector']")))
-    self.text_params = sum(int(np.prod(x.shape)) for _, x in leaves) - self.vision_params
+    self.text_params = sum(int(np.prod(x.shape)) for p, x in leaves
+                           if jax.tree_util.keystr(p).startswith("['lm']"))
+    self.vision_params = sum(int(np.prod(x.shape)) for _, x in leaves) - self.text_params
     self.dims = ideal.dims_of(self.model_config, self.text_params, self.vision_params)
     self.compute_bytes = jnp.dtype(self.model_config.text.dtype).itemsize
     self.devices = mesh.size
