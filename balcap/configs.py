@@ -584,8 +584,7 @@ def _reward_problems(config) -> list[str]:
     problems.append("config.rewards.judge='openai' needs config.rewards.openai.base_url and "
                     "config.rewards.openai.model")
   key_env = rewards.openai.api_key_env
-  if (rewards.judge == "openai" and config.mode == "train" and key_env
-      and not os.environ.get(key_env)):
+  if rewards.judge == "openai" and key_env and not os.environ.get(key_env):
     # Found now, not when the judge is built after the SFT stage.
     problems.append(f"config.rewards.openai.api_key_env={key_env!r}: the environment variable "
                     f"{key_env} (the judge's API key) is not set; set it, or set api_key_env='' "

@@ -9,6 +9,7 @@ N), with an accelerator named for the capacity and roofline (a GPU host, say).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -70,11 +71,7 @@ def tpu_topology(name: str) -> tuple[str, str, int]:
                      f"v6e-64, or libtpu's form such as v5e:8x8")
   kind, size = match.groups()
   if "x" in size:
-    dims = [int(d) for d in size.split("x")]
-    chips = 1
-    for d in dims:
-      chips *= d
-    return kind, f"{kind}:{size}", chips
+    return kind, f"{kind}:{size}", math.prod(int(d) for d in size.split("x"))
   chips = int(size) // _CORES_PER_CHIP[kind]
   shapes = _2D_SHAPES if kind in ("v5e", "v6e") else _3D_SHAPES
   if chips not in shapes:

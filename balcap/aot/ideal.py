@@ -34,11 +34,9 @@ class Dims:
   vision_window: int            # tokens each vision token attends to in windowed blocks
   vision_full_blocks: int       # blocks attending over the whole image
   projector_flops_per_image: float
-  text_params: int              # every text-decoder weight (embeddings included)
-  vision_params: int
 
 
-def dims_of(config, text_params: int, vision_params: int) -> Dims:
+def dims_of(config) -> Dims:
   """The formula's sizes from a family config (Qwen2.5-VL or LLaVA-1.5)."""
   t, v = config.text, config.vision
   head_dim = t.hidden_size // t.num_heads
@@ -47,13 +45,13 @@ def dims_of(config, text_params: int, vision_params: int) -> Dims:
   if hasattr(v, "depth"):  # Qwen2.5-VL's windowed ViT (its 2x2 merger: vision_flops)
     window = (v.window_size // v.patch_size) ** 2
     return Dims(*text, v.depth, v.hidden_size, v.intermediate_size, 3, window,
-                len(v.fullatt_block_indexes), 0.0, text_params, vision_params)
+                len(v.fullatt_block_indexes), 0.0)
   # LLaVA-1.5: CLIP over grid^2 + 1 tokens up to its feature layer, a 2-layer projector.
   tokens = v.grid ** 2
   layers = v.num_layers + v.feature_layer + 1 if v.feature_layer < 0 else v.feature_layer
   projector = 2.0 * tokens * (v.hidden_size * t.hidden_size + t.hidden_size * t.hidden_size)
   return Dims(*text, layers, v.hidden_size, v.intermediate_size, 2, tokens + 1, layers,
-              projector, text_params, vision_params)
+              projector)
 
 
 def text_flops(d: Dims, rows: int, tokens: int, context: int, scored: int) -> float:

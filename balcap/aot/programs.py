@@ -91,7 +91,7 @@ class Builder:
     self.text_params = sum(int(np.prod(x.shape)) for p, x in leaves
                            if jax.tree_util.keystr(p).startswith("['lm']"))
     self.vision_params = sum(int(np.prod(x.shape)) for _, x in leaves) - self.text_params
-    self.dims = ideal.dims_of(self.model_config, self.text_params, self.vision_params)
+    self.dims = ideal.dims_of(self.model_config)
     self.compute_bytes = jnp.dtype(self.model_config.text.dtype).itemsize
     self.devices = mesh.size
     self.tensor = mesh.shape["tensor"]
