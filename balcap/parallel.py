@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -204,17 +205,16 @@ def make_global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, j
   return result
 
 
-# Model-input fields and their batch axis; None = not aligned with the batch (an image patch
-# table and its index layout), which every device gets whole. With several hosts these are
-# already global when they get here: `share_over_hosts` gathered every host's images.
-BATCH_AXIS_OF = {"position_ids": 1, "pixel_values": None, "vision_layout": None,
-                 "image_grid_thw": None}
+# Model-input fields whose batch axis is not the first (every other field's is): M-RoPE
+# positions [3, rows, length]. Image inputs (`pixel_values`, `vision_layout`) lead with their
+# image-shard axis, split like the rows (`balcap.models.image_shards`).
+BATCH_AXIS_OF = {"position_ids": 1}
 
 
 def global_inputs(inputs: Mapping[str, Any], mesh: Mesh | None) -> dict[str, Any]:
-  """Host-prepared inputs as device arrays: batch-aligned fields (`BATCH_AXIS_OF`, default
-  axis 0) split over the batch axes, each host giving its own rows in process order; the rest
-  replicated (equal on every host). Without a mesh, everything goes to the default device."""
+  """Host-prepared inputs as device arrays, split over the batch axes along their batch axis
+  (`BATCH_AXIS_OF`, default 0), each host giving its own rows in process order. Without a
+  mesh, everything goes to the default device."""
   if mesh is None:
     return jax.device_put(dict(inputs))
   out = {}
@@ -226,20 +226,17 @@ def global_inputs(inputs: Mapping[str, Any], mesh: Mesh | None) -> dict[str, Any
 
 def input_sharding(key: str, mesh: Mesh) -> NamedSharding:
   """Where `global_inputs` puts input `key`: split over the batch axes along its batch axis
-  (`BATCH_AXIS_OF`, default 0), or replicated."""
+  (`BATCH_AXIS_OF`, default 0)."""
   axis = BATCH_AXIS_OF.get(key, 0)
-  if axis is None:
-    return NamedSharding(mesh, PartitionSpec())
   return NamedSharding(mesh, PartitionSpec(*((None,) * axis + (BATCH_AXES,))))
 
 
-def _global(value: Any, sharding: NamedSharding, axis: int | None) -> jax.Array:
+def _global(value: Any, sharding: NamedSharding, axis: int) -> jax.Array:
   if jax.process_count() == 1:
     return jax.device_put(value, sharding)
   value = np.asarray(value)
   shape = list(value.shape)
-  if axis is not None:
-    shape[axis] *= jax.process_count()
+  shape[axis] *= jax.process_count()
   return jax.make_array_from_process_local_data(sharding, value, tuple(shape))
 
 
@@ -253,6 +250,16 @@ def host_max(value: int) -> int:
     return int(value)
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def host_max_each(values: Mapping[str, int]) -> dict[str, int]:
+  """Each value the largest over all hosts, in one exchange (one host: the values)."""
+  if jax.process_count() == 1:
+    return {k: int(v) for k, v in values.items()}
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  keys = sorted(values)
+  gathered = multihost_utils.process_allgather(np.asarray([values[k] for k in keys], np.int64))
+  return dict(zip(keys, (int(v) for v in np.asarray(gathered).reshape(-1, len(keys)).max(0))))
 
 
 def host_any(flags: Sequence[bool]) -> list[bool]:
@@ -300,13 +307,53 @@ def host_concat(array: np.ndarray) -> tuple[np.ndarray, int]:
 
 def host_local(array: jax.Array, axis: int = 0) -> np.ndarray:
   """This host's rows (along `axis`) of a global array split over the batch axes, as numpy:
-  what `global_inputs` was given, for results the host goes on with (tokens, logprobs)."""
+  what `global_inputs` was given, for results the host goes on with (tokens, logprobs).
+
+  Read from this host's own shards (no collective: the other hosts' rows never travel); a
+  replicated array, or one whose local shards are not this host's contiguous share, falls
+  back to an all-gather."""
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(array))
+  rows = array.shape[axis] // jax.process_count()
+  pieces = {}
+  for shard in array.addressable_shards:
+    index = shard.index[axis]
+    start = index.start or 0
+    pieces.setdefault(start, shard)  # replicas (the tensor axis) hold the same rows
+  starts = sorted(pieces)
+  spans = [(start, pieces[start].data.shape[axis]) for start in starts]
+  contiguous = all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))
+  if contiguous and spans and spans[0][0] == rows * jax.process_index() and (
+      sum(n for _, n in spans) == rows):
+    return np.concatenate([np.asarray(pieces[start].data) for start in starts], axis=axis)
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   whole = np.asarray(multihost_utils.process_allgather(array, tiled=True))
-  rows = whole.shape[axis] // jax.process_count()
   return np.take(whole, np.arange(rows) + rows * jax.process_index(), axis=axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches
+
+
+def micro_batches(x: jax.Array, parts: int, axis: int = 0) -> jax.Array:
+  """[..., R, ...] -> [parts, ..., R / parts, ...], micro-batch m = rows m, m + parts, ...
+
+  Strided, not contiguous: with the R rows split over the batch axes in blocks, every
+  micro-batch keeps R / parts / shards rows on EVERY shard (so all devices work on each one,
+  and each row stays in its image shard, `balcap.models.image_shards`), and splitting moves
+  no data. A contiguous split would put each micro-batch on a few shards only.
+  """
+  if x.shape[axis] % parts:
+    raise ValueError(f"{x.shape[axis]} rows do not split into {parts} micro-batches")
+  shape = x.shape[:axis] + (x.shape[axis] // parts, parts) + x.shape[axis + 1:]
+  return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
+
+
+def join_micro_batches(x: jax.Array, axis: int = 0) -> jax.Array:
+  """The inverse of `micro_batches`: [parts, ..., R / parts, ...] -> [..., R, ...]."""
+  parts = x.shape[0]
+  x = jnp.moveaxis(x, 0, axis + 1)
+  return x.reshape(x.shape[:axis] + (x.shape[axis] * parts,) + x.shape[axis + 2:])
 
 
 class OnMesh:

@@ -248,10 +248,11 @@ def left_pad(batch: dict[str, Any], multiple: int) -> dict[str, Any]:
 
 def prepare_prompts(policy, batch: dict[str, Any], prompt_bucket: int = PROMPT_BUCKET
                     ) -> dict[str, Any]:
-  """A processor batch as the sampler feeds it: positions and the vision layout added,
-  image layouts bucketed, images shared by all hosts, prompts left-padded to a multiple of
-  `prompt_bucket`."""
-  return left_pad(policy.family.prepare_batch(policy.config, batch), prompt_bucket)
+  """A processor batch as the sampler feeds it: positions and the vision layout added, images
+  in one shard per batch shard of this host (`balcap.models.image_shards`) with bucketed
+  sizes, prompts left-padded to a multiple of `prompt_bucket`."""
+  shards = parallel.host_rows_multiple(policy.mesh)
+  return left_pad(policy.family.prepare_batch(policy.config, batch, shards), prompt_bucket)
 
 
 def sampling_params(policy, *, max_new_tokens: int, num_samples: int = 1,
@@ -309,10 +310,8 @@ def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
 
 def generate_prepared(policy, params: Any, inputs: dict[str, Any], start: np.ndarray,
                       rng: jax.Array, spec: SamplingParams) -> Rollouts:
-  """`generate` on prompts already prepared (`prepare_prompts`) and placed on the devices.
-
-  (The learner calls this, then prepares the same prompts again for teacher-forced scoring in
-  `scoring.continuation_batch`: one preparation per step is the RL-step data-flow work.)"""
+  """`generate` on prompts already prepared (`prepare_prompts`) and placed on the devices;
+  `start` [B] on the host (this host's prompts) or placed too."""
   signature = (spec, tuple((jax.tree_util.keystr(path), np.shape(leaf))
                            for path, leaf in jax.tree_util.tree_leaves_with_path(inputs)))
   if signature not in _COMPILED_SHAPES:
@@ -321,8 +320,9 @@ def generate_prepared(policy, params: Any, inputs: dict[str, Any], start: np.nda
              len(_COMPILED_SHAPES), inputs["input_ids"].shape[0], inputs["input_ids"].shape[1],
              spec.num_samples, spec.max_new_tokens)
   program = _cached_program(policy.module, spec, policy.mesh)
-  return program(params, inputs, parallel.global_inputs({"start": start}, policy.mesh)["start"],
-                 rng)
+  if not isinstance(start, jax.Array):
+    start = parallel.global_inputs({"start": np.asarray(start, np.int32)}, policy.mesh)["start"]
+  return program(params, inputs, start, rng)
 
 
 def compiled_programs() -> int:

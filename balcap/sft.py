@@ -52,7 +52,8 @@ def caption_chats(policy, examples: dict[str, Any], prompt: str, target: str,
     chats[key] = (np.pad(value, ((0, 0), (0, target - length))) if length < target
                   else value[:, :target])
   loss_mask = chats.pop("response_mask").astype(np.int32)
-  prepared = policy.family.prepare_batch(policy.config, chats)
+  prepared = policy.family.prepare_batch(policy.config, chats,
+                                         parallel.host_rows_multiple(policy.mesh))
   prepared["loss_mask"] = loss_mask
   return prepared, cut
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from balcap import parallel
 from balcap.models import clip_vision, layers, llama_lm, policy
+from balcap.models import image_shards as image_shards_lib
 from balcap.models.clip_vision import ClipVisionConfig, ClipVisionTower
 from balcap.models.hf_io import Rule
 from balcap.models.qwen2_lm import QwenLM, QwenLMConfig
@@ -123,23 +124,36 @@ class Llava(nn.Module):
     self.multi_modal_projector = Projector(self.config)
     self.lm = QwenLM(self.config.text)
 
-  def _embed(self, input_ids, pixel_values, image_row_offsets):
+  def encode_images(self, pixel_values: jax.Array, vision_layout: Any = None) -> jax.Array:
+    """pixel_values [S, N, 3, H, W] (S image shards of N images, `prepare_inputs`) ->
+    projected features [S, N * num_features, D]; CLIP sees each image alone, so the shards
+    are just a batch dimension split over the batch axes."""
+    del vision_layout
+    shards, images = pixel_values.shape[:2]
+    pixels = image_shards_lib.constrain(pixel_values)
+    pixels = pixels.reshape((shards * images,) + pixel_values.shape[2:])
+    features = self.multi_modal_projector(self.vision_tower(pixels))  # [S * N, F, D]
+    return image_shards_lib.constrain(features.reshape(shards, -1, features.shape[-1]))
+
+  def _embed(self, input_ids, pixel_values, image_row_offsets, image_features):
     embeddings = self.lm.embed(input_ids)
-    if pixel_values is not None:
-      features = self.multi_modal_projector(self.vision_tower(pixel_values))  # [N, F, D]
-      features = features.reshape(-1, features.shape[-1])
+    if image_features is None and pixel_values is not None:
+      image_features = self.encode_images(pixel_values)
+    if image_features is not None:
       embeddings = scatter_image_features(embeddings, input_ids == self.config.image_token_id,
-                                          features, image_row_offsets)
+                                          image_features, image_row_offsets)
     return embeddings
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
                pixel_values: jax.Array | None = None, vision_layout: Any = None,
                image_row_offsets: jax.Array | None = None,
-               logits_window: tuple[int, int] | None = None) -> jax.Array:
-    """Logits [R, T, V] (float32). pixel_values [N, 3, S, S] (CLIP-normalised); position_ids
-    [3, R, T] from `prepare_inputs`; `vision_layout` is Qwen's and ignored here."""
+               logits_window: tuple[int, int] | None = None,
+               image_features: jax.Array | None = None) -> jax.Array:
+    """Logits [R, T, V] (float32). pixel_values [S, N, 3, H, W] (CLIP-normalised, in image
+    shards) and position_ids [3, R, T] from `prepare_inputs`, or image_features from
+    `encode_images`; `vision_layout` is Qwen's and ignored here."""
     del vision_layout
-    embeddings = self._embed(input_ids, pixel_values, image_row_offsets)
+    embeddings = self._embed(input_ids, pixel_values, image_row_offsets, image_features)
     return self.lm(embeddings, position_ids, attention_mask, logits_window)
 
   def prefill(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
@@ -150,7 +164,7 @@ class Llava(nn.Module):
     del vision_layout
     if last_index is None:
       last_index = jnp.full((input_ids.shape[0],), input_ids.shape[1] - 1)
-    embeddings = self._embed(input_ids, pixel_values, image_row_offsets)
+    embeddings = self._embed(input_ids, pixel_values, image_row_offsets, None)
     return self.lm.prefill(embeddings, position_ids, attention_mask, last_index)
 
   def decode(self, token_ids: jax.Array, positions: jax.Array, cache, mask):
@@ -164,12 +178,13 @@ class Llava(nn.Module):
 # Host side
 
 
-def prepare_inputs(config: LlavaConfig, batch: dict[str, Any], *, across_hosts: bool = False,
-                   **unused) -> dict[str, Any]:
+def prepare_inputs(config: LlavaConfig, batch: dict[str, Any], *, image_shards: int = 1,
+                   across_hosts: bool = False, **unused) -> dict[str, Any]:
   """A processor batch plus `position_ids` [3, B, T] (real tokens count 0, 1, ...; padding
   gets 0), `rope_deltas` (zeros: LLaVA's positions are plain token counts) and, with images,
-  `image_row_offsets`. `across_hosts`: every host's images are gathered (each device encodes
-  the global batch's images) and this host's rows point past the earlier hosts' features."""
+  the images laid out in `image_shards` shards (`balcap.models.image_shards`):
+  `pixel_values` [S, N, 3, H, W] (each shard's images, zero images padding it to the largest
+  shard's N; with `across_hosts`, the largest of any host's) and `image_row_offsets` [B]."""
   del unused
   input_ids = np.asarray(batch["input_ids"])
   attention_mask = np.asarray(batch["attention_mask"])
@@ -178,27 +193,33 @@ def prepare_inputs(config: LlavaConfig, batch: dict[str, Any], *, across_hosts: 
                                                       ).astype(np.int32),
                   rope_deltas=np.zeros((input_ids.shape[0],), np.int32))
   prepared.pop("image_sizes", None)
-  if batch.get("pixel_values") is not None:
-    pixels = np.asarray(batch["pixel_values"])
-    per_image = config.vision.num_features
-    is_image = (input_ids == config.image_token_id) & (attention_mask > 0)
-    counts = is_image.sum(axis=1)
-    if int(counts.sum()) != pixels.shape[0] * per_image:
-      raise ValueError(f"the batch has {int(counts.sum())} image tokens but its "
-                       f"{pixels.shape[0]} image(s) make {pixels.shape[0] * per_image} "
-                       f"features ({per_image} each)")
-    first_feature = 0
-    if across_hosts:
-      pixels, first_image = parallel.host_concat(pixels)
-      first_feature = first_image * per_image
-    prepared["pixel_values"] = pixels
-    prepared["image_row_offsets"] = (first_feature + np.cumsum(counts) - counts).astype(np.int32)
+  if batch.get("pixel_values") is None:
+    return prepared
+  pixels = np.asarray(batch["pixel_values"])
+  per_image = config.vision.num_features
+  is_image = (input_ids == config.image_token_id) & (attention_mask > 0)
+  counts = is_image.sum(axis=1)
+  if int(counts.sum()) != pixels.shape[0] * per_image:
+    raise ValueError(f"the batch has {int(counts.sum())} image tokens but its "
+                     f"{pixels.shape[0]} image(s) make {pixels.shape[0] * per_image} "
+                     f"features ({per_image} each)")
+  shard = image_shards_lib.image_shard_of(counts, np.full(pixels.shape[0], per_image),
+                                          image_shards)
+  parts = [pixels[shard == s] for s in range(image_shards)]
+  largest = max(part.shape[0] for part in parts)
+  if across_hosts:
+    largest = parallel.host_max(largest)
+  prepared["pixel_values"] = image_shards_lib.stack_padded(parts, largest)
+  prepared["image_row_offsets"] = image_shards_lib.row_offsets(counts, image_shards)
   return prepared
 
 
-def prepare_batch(config: LlavaConfig, batch: dict[str, Any]) -> dict[str, Any]:
-  """`prepare_inputs` as training and sampling call it: images shared by all hosts."""
-  return prepare_inputs(config, batch, across_hosts=jax.process_count() > 1)
+def prepare_batch(config: LlavaConfig, batch: dict[str, Any], image_shards: int = 1
+                  ) -> dict[str, Any]:
+  """`prepare_inputs` as training and sampling call it: images in `image_shards` shards of
+  one size on every host."""
+  return prepare_inputs(config, batch, image_shards=image_shards,
+                        across_hosts=jax.process_count() > 1)
 
 
 def model_rules(config: LlavaConfig) -> tuple[Rule, ...]:
@@ -266,5 +287,4 @@ FAMILY = policy.register(policy.Family(
     prepare_inputs=prepare_inputs, example_batch=example_batch, hf_shapes=hf_shapes,
     processor_from_pretrained=_processor_from_pretrained,
     special_token_ids=special_token_ids, compute_dtype=lambda config: config.text.dtype,
-    decode_start=decode_start, layout_buckets=lambda config, batch: {},
-    prepare_batch=prepare_batch, continuation_positions=continuation_positions))
+    decode_start=decode_start, prepare_batch=prepare_batch, continuation_positions=continuation_positions))

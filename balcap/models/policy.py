@@ -119,13 +119,13 @@ class Family:
   # (folder with tokenizer files, config.model or None) -> processor
   processor_from_pretrained: Callable[..., Any]
   # Sampling: ids never to sample (image/vision tokens), the compute dtype, the position of
-  # each prompt's first generated token, and static sizes that bound recompilation.
+  # each prompt's first generated token.
   special_token_ids: Callable[[Any], tuple[int, ...]]
   compute_dtype: Callable[[Any], str]
   decode_start: Callable[[Any, dict], np.ndarray]       # (config, prepared) -> [B]
-  layout_buckets: Callable[[Any, dict], dict]           # (config, processor batch) -> sizes
-  # (config, processor batch) -> model inputs, layouts bucketed and images shared by all hosts
-  prepare_batch: Callable[[Any, dict], dict]
+  # (config, processor batch, image shards) -> model inputs, images in shards and static
+  # sizes agreed by every host (`balcap.models.image_shards`)
+  prepare_batch: Callable[..., dict]
   # (config, prepared prompts, start [B], G, n) -> positions of prompts + n new tokens, x G
   continuation_positions: Callable[..., np.ndarray]
 

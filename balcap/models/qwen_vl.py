@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from balcap import parallel
+from balcap.models import image_shards as image_shards_lib
 from balcap.models import policy, qwen_vision
 from balcap.models.hf_io import Rule
 from balcap.models.qwen2_lm import QwenLM, QwenLMConfig, lm_rules
@@ -90,51 +91,73 @@ class QwenVLConfig(policy.TowersConfig):
 
 def scatter_image_features(embeddings: jax.Array, is_image: jax.Array, features: jax.Array,
                            row_offsets: jax.Array | None = None) -> jax.Array:
-  """Each row's k-th image token takes features[row_offsets[row] + k].
+  """Each row's k-th image token takes its shard's features[row_offsets[row] + k].
 
-  embeddings [R, T, D], is_image [R, T], features [N, D] (extra rows are padding of the vision
-  tower's static shape and are never taken). row_offsets [R] defaults to each row's first
-  feature when rows hold their own images in order; rows that repeat a prompt (G rollouts)
-  point at that prompt's features instead, so images are encoded once per prompt.
+  embeddings [R, T, D], is_image [R, T], features [S, N, D]: S image shards
+  (`balcap.models.image_shards`), rows split into S contiguous blocks, block s reading shard s
+  only (so under a mesh every gather is local to a device). Extra feature rows are padding and
+  are never taken. row_offsets [R] defaults to each row's first feature when the rows of a
+  block hold their own images in order; rows that repeat a prompt (G rollouts) point at that
+  prompt's features instead, so images are encoded once per prompt.
   """
   rows, length, width = embeddings.shape
+  shards = features.shape[0]
   counts = is_image.sum(axis=1)
   if row_offsets is None:
-    row_offsets = jnp.cumsum(counts) - counts
+    blocks = counts.reshape(shards, -1)
+    row_offsets = (jnp.cumsum(blocks, axis=1) - blocks).reshape(-1)
   rank = jnp.cumsum(is_image, axis=1) - 1  # k for the k-th image token of a row
-  index = jnp.clip(row_offsets[:, None] + rank, 0, features.shape[0] - 1)
-  taken = features[index.reshape(-1)].astype(embeddings.dtype).reshape(rows, length, width)
+  index = jnp.clip(row_offsets[:, None] + rank, 0, features.shape[1] - 1)
+  index = index.reshape(shards, rows // shards * length)
+  taken = jax.vmap(lambda table, i: table[i])(features, index)  # a gather batched over shards
+  taken = taken.astype(embeddings.dtype).reshape(rows, length, width)
   return jnp.where(is_image[..., None], taken, embeddings)
 
 
 class QwenVL(nn.Module):
-  """The VLM. `__call__` scores whole sequences; `prefill` and `decode` serve the sampler."""
+  """The VLM. `__call__` scores whole sequences; `prefill` and `decode` serve the sampler;
+  `encode_images` runs the vision tower alone (the learner encodes once per update)."""
   config: QwenVLConfig
 
   def setup(self):
     self.visual = QwenVisionTower(self.config.vision)
     self.lm = QwenLM(self.config.text)
 
-  def _embed(self, input_ids, pixel_values, vision_layout, image_row_offsets):
+  def encode_images(self, pixel_values: jax.Array, vision_layout: dict[str, jax.Array]
+                    ) -> jax.Array:
+    """pixel_values [S, P, patch_features] and layouts [S, ...] (`prepare_inputs`) -> merged
+    features [S, P / merge_unit, D]: the tower over each shard, data-parallel over S."""
+    encode = nn.vmap(lambda tower, pixels, layout: tower(pixels, layout),
+                     variable_axes={"params": None}, split_rngs={"params": False},
+                     in_axes=(0, 0))
+    features = encode(self.visual, image_shards_lib.constrain(pixel_values),
+                      jax.tree.map(image_shards_lib.constrain, vision_layout))
+    return image_shards_lib.constrain(features)
+
+  def _embed(self, input_ids, pixel_values, vision_layout, image_row_offsets, image_features):
     embeddings = self.lm.embed(input_ids)
-    if pixel_values is not None:
-      features = self.visual(pixel_values, vision_layout)
+    if image_features is None and pixel_values is not None:
+      image_features = self.encode_images(pixel_values, vision_layout)
+    if image_features is not None:
       embeddings = scatter_image_features(embeddings, input_ids == self.config.image_token_id,
-                                          features, image_row_offsets)
+                                          image_features, image_row_offsets)
     return embeddings
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
                pixel_values: jax.Array | None = None,
                vision_layout: dict[str, jax.Array] | None = None,
                image_row_offsets: jax.Array | None = None,
-               logits_window: tuple[int, int] | None = None) -> jax.Array:
+               logits_window: tuple[int, int] | None = None,
+               image_features: jax.Array | None = None) -> jax.Array:
     """Logits [R, T, V] (float32) for token ids [R, T] with images' patches already processed.
 
-    position_ids [3, R, T] and vision_layout come from `prepare_inputs`; image_row_offsets
-    (see `scatter_image_features`) lets R = B x G rows share B prompts' images;
+    position_ids [3, R, T], pixel_values and vision_layout come from `prepare_inputs`;
+    image_row_offsets (see `scatter_image_features`) lets R = B x G rows share B prompts'
+    images; image_features (`encode_images`' output) replace pixel_values and vision_layout;
     logits_window=(start, length) (static) keeps only those positions' logits.
     """
-    embeddings = self._embed(input_ids, pixel_values, vision_layout, image_row_offsets)
+    embeddings = self._embed(input_ids, pixel_values, vision_layout, image_row_offsets,
+                             image_features)
     return self.lm(embeddings, position_ids, attention_mask, logits_window)
 
   def prefill(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
@@ -145,7 +168,7 @@ class QwenVL(nn.Module):
     """The prompt once: logits [B, V] after its last token and every layer's (k, v)."""
     if last_index is None:
       last_index = jnp.full((input_ids.shape[0],), input_ids.shape[1] - 1)
-    embeddings = self._embed(input_ids, pixel_values, vision_layout, image_row_offsets)
+    embeddings = self._embed(input_ids, pixel_values, vision_layout, image_row_offsets, None)
     return self.lm.prefill(embeddings, position_ids, attention_mask, last_index)
 
   def decode(self, token_ids: jax.Array, positions: jax.Array, cache, mask):
@@ -208,16 +231,19 @@ def rope_index(input_ids: np.ndarray, attention_mask: np.ndarray,
   return positions, deltas
 
 
-def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], *, across_hosts: bool = False,
-                   bucketed: bool = False, **layout_sizes) -> dict[str, Any]:
-  """A processor batch plus `position_ids`, `rope_deltas` and, with images, `vision_layout`
-  and `image_row_offsets` (each row's first image feature).
+def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], *, image_shards: int = 1,
+                   across_hosts: bool = False, bucketed: bool = False, **layout_sizes
+                   ) -> dict[str, Any]:
+  """A processor batch plus `position_ids`, `rope_deltas` and, with images, the image inputs
+  laid out in `image_shards` shards (`balcap.models.image_shards`): `pixel_values`
+  [S, P, patch_features] (each shard's patches, padded to P), `vision_layout` (each field with
+  a leading S) and `image_row_offsets` [B] (each row's first feature in its shard).
 
-  `layout_sizes` pads the vision layout to static sizes (see `qwen_vision.vision_layout`), so
-  one compiled program serves every image grid that fits. `across_hosts`: every host's patch
-  table is gathered (each device encodes the global batch's images; rows are split over
-  hosts, the images are not), and this host's rows point past the earlier hosts' features.
-  `bucketed`: layout sizes from `layout_buckets` over those (global) images instead.
+  `layout_sizes` pads every shard's layout to static sizes (see `qwen_vision.vision_layout`),
+  so one compiled program serves every image grid that fits; by default the largest shard's.
+  `bucketed`: sizes from `layout_buckets` over the largest shard instead. `across_hosts`:
+  the sizes are the largest over every host's shards (each host lays out its own images;
+  the shards of all hosts join in one global array).
   """
   input_ids = np.asarray(batch["input_ids"])
   attention_mask = np.asarray(batch["attention_mask"])
@@ -225,37 +251,51 @@ def prepare_inputs(config: QwenVLConfig, batch: dict[str, Any], *, across_hosts:
   positions, deltas = rope_index(input_ids, attention_mask, grid, config.image_token_id,
                                  config.vision.spatial_merge_size)
   prepared = dict(batch, position_ids=positions, rope_deltas=deltas)
-  if batch.get("pixel_values") is not None:
-    grid = np.asarray(grid)
-    is_image = (input_ids == config.image_token_id) & (attention_mask > 0)
-    image_tokens = int(is_image.sum())
-    features = int(grid.prod(axis=1).sum()) // config.vision.spatial_merge_size ** 2
-    if image_tokens != features:
-      raise ValueError(f"the batch has {image_tokens} image tokens but its images make "
-                       f"{features} features (image_grid_thw {grid.tolist()})")
-    pixels, first_feature = np.asarray(batch["pixel_values"]), 0
-    if across_hosts:
-      pixels, first_patch = parallel.host_concat(pixels)
-      grid, _ = parallel.host_concat(grid)
-      first_feature = first_patch // config.vision.spatial_merge_size ** 2
-    if bucketed:
-      layout_sizes = layout_buckets(config, {"image_grid_thw": grid})
-    counts = is_image.sum(axis=1)
-    prepared["image_row_offsets"] = (first_feature + np.cumsum(counts) - counts).astype(np.int32)
-    layout = qwen_vision.vision_layout(grid, config.vision, **layout_sizes)
-    prepared["vision_layout"] = layout
-    padded = layout_sizes.get("num_patches") or pixels.shape[0]
-    if padded > pixels.shape[0]:
-      pixels = np.concatenate([pixels, np.zeros((padded - pixels.shape[0], pixels.shape[1]),
-                                                pixels.dtype)])
-    prepared["pixel_values"] = pixels
+  if batch.get("pixel_values") is None:
+    return prepared
+  grid = np.asarray(grid, np.int64).reshape(-1, 3)
+  is_image = (input_ids == config.image_token_id) & (attention_mask > 0)
+  counts = is_image.sum(axis=1)
+  merge = config.vision.merge_unit
+  image_patches = grid.prod(axis=1)
+  if int(counts.sum()) != int(image_patches.sum()) // merge:
+    raise ValueError(f"the batch has {int(counts.sum())} image tokens but its images make "
+                     f"{int(image_patches.sum()) // merge} features (image_grid_thw "
+                     f"{grid.tolist()})")
+  pixels = np.asarray(batch["pixel_values"])
+  shard = image_shards_lib.image_shard_of(counts, image_patches // merge, image_shards)
+  first_patch = np.cumsum(image_patches) - image_patches
+  parts, grids = [], []
+  for s in range(image_shards):
+    images = np.flatnonzero(shard == s)
+    parts.append(np.concatenate([pixels[first_patch[i]:first_patch[i] + image_patches[i]]
+                                 for i in images]) if images.size
+                 else np.zeros((0, pixels.shape[1]), pixels.dtype))
+    grids.append(grid[images])
+  need = [qwen_vision.required_sizes(g, config.vision) for g in grids]
+  largest = {k: max(n[k] for n in need) for k in need[0]}
+  if bucketed:
+    sizes = layout_buckets(config, largest)
+  else:
+    sizes = {k: int(layout_sizes.get(k) or v) for k, v in largest.items()}
+  if across_hosts:
+    sizes = parallel.host_max_each(sizes)
+  sizes["num_patches"] = qwen_vision.round_up(max(sizes["num_patches"], merge), merge)
+  layouts = [qwen_vision.vision_layout(g, config.vision, **sizes) for g in grids]
+  prepared["vision_layout"] = {k: np.stack([layout[k] for layout in layouts])
+                               for k in layouts[0]}
+  prepared["pixel_values"] = image_shards_lib.stack_padded(parts, sizes["num_patches"])
+  prepared["image_row_offsets"] = image_shards_lib.row_offsets(counts, image_shards)
   return prepared
 
 
-def prepare_batch(config: QwenVLConfig, batch: dict[str, Any]) -> dict[str, Any]:
-  """`prepare_inputs` as training and sampling call it: layout sizes bucketed over the GLOBAL
-  batch's images (every host compiles the same program) and images shared across hosts."""
-  return prepare_inputs(config, batch, across_hosts=jax.process_count() > 1, bucketed=True)
+def prepare_batch(config: QwenVLConfig, batch: dict[str, Any], image_shards: int = 1
+                  ) -> dict[str, Any]:
+  """`prepare_inputs` as training and sampling call it: images in `image_shards` shards,
+  layout sizes bucketed over the largest shard of ANY host (every host compiles the same
+  program)."""
+  return prepare_inputs(config, batch, image_shards=image_shards,
+                        across_hosts=jax.process_count() > 1, bucketed=True)
 
 
 def model_rules(config: QwenVLConfig) -> tuple[Rule, ...]:
@@ -323,11 +363,9 @@ def decode_start(config: QwenVLConfig, prepared: dict[str, Any]) -> np.ndarray:
           + np.asarray(prepared["rope_deltas"])).astype(np.int32)
 
 
-def layout_buckets(config: QwenVLConfig, batch: dict[str, Any]) -> dict[str, int]:
-  """Vision layout sizes rounded up to powers of two: a bounded number of programs."""
-  if batch.get("image_grid_thw") is None:
-    return {}
-  sizes = qwen_vision.required_sizes(np.asarray(batch["image_grid_thw"]), config.vision)
+def layout_buckets(config: QwenVLConfig, sizes: dict[str, int]) -> dict[str, int]:
+  """Layout sizes (`qwen_vision.required_sizes`) rounded up to powers of two: a bounded
+  number of programs."""
   power = lambda n: 1 << max(int(n) - 1, 0).bit_length()
   buckets = {k: power(v) for k, v in sizes.items()}
   buckets["num_patches"] = qwen_vision.round_up(buckets["num_patches"],
@@ -351,5 +389,5 @@ FAMILY = policy.register(policy.Family(
     prepare_inputs=prepare_inputs, example_batch=example_batch, hf_shapes=hf_shapes,
     processor_from_pretrained=_processor_from_pretrained,
     special_token_ids=special_token_ids, compute_dtype=lambda config: config.text.dtype,
-    decode_start=decode_start, layout_buckets=layout_buckets, prepare_batch=prepare_batch,
+    decode_start=decode_start, prepare_batch=prepare_batch,
     continuation_positions=continuation_positions))

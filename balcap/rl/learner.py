@@ -3,8 +3,9 @@
 One step, for each host's shard of `config.rl.batch_size` prompts:
   1. sample G rollouts per prompt with the current params (`balcap.sampling`);
   2. submit the captions to the judge on a host thread (`JudgeReward.submit`) and, meanwhile,
-     compute on the devices the teacher-forced logprobs of the rollouts under the current
-     ("old") params and, when the KL term is on, under the frozen reference;
+     build the teacher-forced batch on the devices from the sampler's inputs and outputs and
+     compute the rollouts' logprobs under the current ("old") params and, when the KL term
+     is on, under the frozen reference (images encoded once, micro-batched like the update);
   3. collect the rewards (NaN where unscored; a missed deadline is NaN, not a wait), shape and
      normalise them into one advantage per rollout (`rl/advantages.py`);
   4. update: mu passes of micro-batched gradient accumulation and AdamW (`rl/update.py`).
@@ -15,6 +16,7 @@ what an uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,7 +41,12 @@ CONTINUATION_BUCKET = 32  # tokens: the update compiles once per multiple in use
 
 
 class RLStep:
-  """The host side of one step (see the module docstring); called by `balcap.loop`."""
+  """The host side of one step (see the module docstring); called by `balcap.loop`.
+
+  Data flows one way: the prompts are prepared once (host) and placed once; the sampler's
+  inputs and outputs stay on the devices and become the scoring and update batch there
+  (`scoring.continuations`); the host takes only its own rows' tokens (to decode captions for
+  the judge) from its own shards, and gives back only rewards."""
 
   def __init__(self, config, workdir: str, policy, reward: functions.JudgeReward,
                ref_params: Any = None, eval_source=None):
@@ -60,89 +67,101 @@ class RLStep:
         policy, max_new_tokens=sampling_config.max_new_tokens, num_samples=self.group,
         temperature=sampling_config.temperature, top_p=sampling_config.top_p,
         top_k=sampling_config.top_k)
-    self._updates: dict[int, Any] = {}  # prompt length -> compiled update
+    self.temperature = self.spec.temperature or 1.0
+    self.update = update.make_update(
+        policy.module, self.optimizer, self.loss_config, num_micro_batches=self.micro_batches,
+        num_passes=rl.num_inner_updates, temperature=self.temperature, mesh=policy.mesh)
     self._advantages = jax.jit(lambda r, q: advantages_lib.compute(self.advantage_config, r, q))
     self.base_key = jax.random.key(config.seed)
 
-  def _update_fn(self, prompt_length: int):
-    if prompt_length not in self._updates:  # (jit itself recompiles for new rollout lengths)
-      self._updates[prompt_length] = update.make_update(
-          self.policy.module, self.optimizer, self.loss_config, prompt_length=prompt_length,
-          num_micro_batches=self.micro_batches, num_passes=self.config.rl.num_inner_updates,
-          temperature=self.spec.temperature or 1.0, mesh=self.policy.mesh)
-    return self._updates[prompt_length]
+  # The phases of a step, in order ---------------------------------------------------------
+
+  def prompts(self, examples: dict[str, Any]) -> dict[str, Any]:
+    """This host's examples as the sampler's inputs, prepared once and placed on the devices
+    ("start" [B]: each prompt's first decode position)."""
+    policy = self.policy
+    images = [Image.fromarray(np.asarray(image)) for image in examples["image"]]
+    chats = policy.processor(prompts=[self.config.sampling.prompt] * len(images),
+                             images=images)
+    prepared = sampling.prepare_prompts(policy, chats, self.config.sampling.prompt_bucket)
+    inputs = {k: prepared[k] for k in sampling.SAMPLER_INPUTS if prepared.get(k) is not None}
+    inputs["start"] = policy.family.decode_start(policy.config, prepared).astype(np.int32)
+    return parallel.global_inputs(inputs, policy.mesh)
+
+  def sample(self, params, prompts: dict[str, Any], key) -> sampling.Rollouts:
+    inputs = {k: v for k, v in prompts.items() if k != "start"}
+    return sampling.generate_prepared(self.policy, params, inputs, prompts["start"], key,
+                                      self.spec)
+
+  def continuations(self, prompts: dict[str, Any], rollouts: sampling.Rollouts
+                    ) -> scoring.Continuations:
+    """The rollouts as teacher-forced rows, on the devices. They are trained on up to the
+    longest rollout of the GLOBAL batch, rounded up to a multiple of CONTINUATION_BUCKET:
+    rows padded to max_new_tokens would cost the update as much as the longest possible
+    caption, while a few buckets bound the compiled programs."""
+    longest = int(jax.device_get(_longest(rollouts.lengths)))  # replicated: every host agrees
+    steps = min(-(-max(longest, 1) // CONTINUATION_BUCKET) * CONTINUATION_BUCKET,
+                self.spec.max_new_tokens)
+    inputs = {k: v for k, v in prompts.items() if k != "start"}
+    return scoring.continuations(inputs, prompts["start"], _first_columns(rollouts.tokens,
+                                                                           steps),
+                                 rollouts.lengths, self.group, self.policy.mesh)
+
+  def score(self, params, batch: scoring.Continuations):
+    """Old (and, KL on, reference) logprobs [R, N], micro-batched like the update."""
+    old = scoring.continuation_logprobs(self.policy, params, batch, self.temperature,
+                                        self.micro_batches)
+    ref = None
+    if self.ref_params is not None:
+      ref = scoring.continuation_logprobs(self.policy, self.ref_params, batch,
+                                          self.temperature, self.micro_batches)
+    return old, ref
+
+  def advantages(self, rewards: functions.RewardBatch):
+    """One advantage per rollout [R] (global: c-GDPO normalises over every host's)."""
+    shape = (self.host_prompts, self.group)
+    shaped = parallel.global_inputs(
+        {name: rewards.components[name].reshape(shape).astype(np.float32)
+         for name in (*self.advantage_config.components, "length_ratio")}, self.policy.mesh)
+    ratio = shaped.pop("length_ratio")
+    advantages, stats = self._advantages(shaped, ratio)
+    return advantages.reshape(-1), stats
+
+  # The step -------------------------------------------------------------------------------
 
   def __call__(self, state: dict[str, Any], examples: dict[str, Any], step: int):
     timings, started = {}, time.perf_counter()
-    policy, mesh, config = self.policy, self.policy.mesh, self.config
+    config = self.config
     key = jax.random.fold_in(self.base_key, step)
-    images = [Image.fromarray(np.asarray(image)) for image in examples["image"]]
-    chats = policy.processor(prompts=[config.sampling.prompt] * len(images), images=images)
-    prepared = sampling.prepare_prompts(policy, chats, config.sampling.prompt_bucket)
-    prompt_inputs = parallel.global_inputs(
-        {k: prepared[k] for k in sampling.SAMPLER_INPUTS if prepared.get(k) is not None}, mesh)
-    start = policy.family.decode_start(policy.config, prepared)
-    rollouts = sampling.generate_prepared(policy, state["params"], prompt_inputs, start, key,
-                                          self.spec)
-    captions = captioning.decode(policy, rollouts)  # waits for the sampler
+    prompts = self.prompts(examples)
+    rollouts = self.sample(state["params"], prompts, key)
+    captions = captioning.decode(self.policy, rollouts)  # waits for the sampler
     timings["sample"] = time.perf_counter() - started
 
-    rows = [{k: examples[k][i] for k in examples} for i in range(len(images))]
+    rows = [{k: examples[k][i] for k in examples} for i in range(len(captions) // self.group)]
     samples = functions.make_samples(rows, captions, self.group)
     pending = self.reward.submit(samples)
 
-    lengths = parallel.host_local(rollouts.lengths)
-    # Trained on up to the longest rollout of the GLOBAL batch, rounded up to a multiple of
-    # CONTINUATION_BUCKET: rows padded to max_new_tokens would cost the update as much as the
-    # longest possible caption, while a few buckets bound the compiled programs.
-    steps = parallel.host_max(-(-max(int(lengths.max()), 1) // CONTINUATION_BUCKET)
-                              * CONTINUATION_BUCKET)
-    steps = min(steps, self.spec.max_new_tokens)
-    tokens = parallel.host_local(rollouts.tokens)[:, :steps]
-    inputs, prompt_length = scoring.continuation_batch(policy, chats, tokens, lengths,
-                                                       self.group,
-                                                       config.sampling.prompt_bucket)
-    inputs = parallel.global_inputs(inputs, mesh)
-    tokens_device = parallel.global_inputs({"t": tokens}, mesh)["t"]
-    temperature = self.spec.temperature or 1.0
-    old_logprobs = scoring.continuation_logprobs(policy, state["params"], inputs,
-                                                 prompt_length, tokens_device, temperature)
-    ref_logprobs = None
-    if self.ref_params is not None:
-      ref_logprobs = scoring.continuation_logprobs(policy, self.ref_params, inputs,
-                                                   prompt_length, tokens_device, temperature)
+    continuations = self.continuations(prompts, rollouts)
+    old_logprobs, ref_logprobs = self.score(state["params"], continuations)
     reward_started = time.perf_counter()
     rewards = self.reward.result(pending, samples, config.rewards.deadline_s)
     timings["reward_wait"] = time.perf_counter() - reward_started
-
-    mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
-    shape = (len(images), self.group)
-    # On the devices, as global arrays: the batch normalisation of c-GDPO is over every
-    # host's rollouts, not this host's.
-    shaped = parallel.global_inputs(
-        {name: rewards.components[name].reshape(shape).astype(np.float32)
-         for name in (*self.advantage_config.components, "length_ratio")}, mesh)
-    ratio = shaped.pop("length_ratio")
-    advantages, advantage_stats = self._advantages(shaped, ratio)
+    advantages, advantage_stats = self.advantages(rewards)
 
     update_started = time.perf_counter()
-    batch = {"inputs": inputs, "tokens": tokens_device,
-             **parallel.global_inputs({"mask": mask}, mesh),
-             "old_logprobs": old_logprobs,
-             "advantages": advantages.reshape(-1)}
-    if ref_logprobs is not None:
-      batch["ref_logprobs"] = ref_logprobs
-    state, update_metrics = self._update_fn(prompt_length)(state, batch)
+    batch = update.RolloutBatch(continuations, old_logprobs, advantages, ref_logprobs)
+    state, update_metrics = self.update(state, batch)
     jax.block_until_ready(state["step"])
     timings["update"] = time.perf_counter() - update_started
 
     metrics = {**rewards.metrics(), **advantage_stats, **update_metrics}
-    metrics.update(self._rollout_metrics(tokens, lengths, rollouts, old_logprobs, mask, samples,
-                                         rewards))
+    metrics.update(_rollout_metrics(rollouts, continuations, old_logprobs))
+    metrics.update(_caption_metrics(samples, rewards))
     total = time.perf_counter() - started
     metrics.update({f"time/{k}": v for k, v in timings.items()})
     metrics["time/step"] = total
-    metrics["throughput/rollout_tokens_per_second"] = float(mask.sum()) / total
+    metrics["throughput/rollout_tokens_per_second"] = metrics.pop("_tokens") / total
     metrics["learning_rate"] = float(optim.learning_rate_schedule(
         optim.from_config(config.rl.optimizer), config.rl.num_steps)(step - 1))
     if config.rl.sample_table_every and step % config.rl.sample_table_every == 0:
@@ -152,23 +171,6 @@ class RLStep:
       eval_metrics, _ = self.evaluate(state["params"], config.rl.eval_examples)
       metrics.update({f"eval/{k}": v for k, v in eval_metrics.items()})
     return state, metrics
-
-  def _rollout_metrics(self, tokens, lengths, rollouts, old_logprobs, mask, samples, rewards):
-    sampler = parallel.host_local(rollouts.logprobs)[:, :tokens.shape[1]]
-    trainer = parallel.host_local(old_logprobs)
-    real = mask > 0
-    gap = np.abs(sampler - trainer)[real]
-    words = np.array([len(s.caption.split()) for s in samples], np.float32)
-    reference_words = np.array([np.mean([len(r.split()) for r in s.references])
-                                for s in samples], np.float32)
-    finished = parallel.host_local(rollouts.finished)
-    return {"rollout/tokens_mean": float(lengths.mean()),
-            "rollout/words_mean": float(words.mean()),
-            "rollout/reference_words_mean": float(reference_words.mean()),
-            "rollout/length_ratio_mean": float(np.nanmean(rewards.components["length_ratio"])),
-            "rollout/unfinished_fraction": float(1.0 - finished.mean()),
-            "mismatch/sampler_vs_trainer_logprob_mean": float(gap.mean()) if gap.size else 0.0,
-            "mismatch/sampler_vs_trainer_logprob_max": float(gap.max()) if gap.size else 0.0}
 
   def _sample_table(self, step, samples, rewards, advantages, rows: int = 8) -> dict[str, str]:
     """A few captions with their rewards: JSONL in workdir/samples.jsonl, markdown for TB."""
@@ -196,6 +198,45 @@ class RLStep:
         max_new_tokens=config.sampling.max_new_tokens,
         batch_size=parallel.host_batch_size(config.batch_size), num_examples=num_examples,
         prompt_bucket=config.sampling.prompt_bucket)
+
+
+@jax.jit
+def _longest(lengths):
+  return jnp.max(lengths)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_columns(tokens, steps):
+  return tokens[:, :steps]
+
+
+@jax.jit
+def _device_rollout_metrics(sampler, lengths, finished, trainer, mask):
+  real = mask > 0
+  gap = jnp.where(real, jnp.abs(sampler[:, :trainer.shape[1]] - trainer), 0.0)
+  count = jnp.sum(real)
+  return {"rollout/tokens_mean": jnp.mean(lengths.astype(jnp.float32)),
+          "rollout/unfinished_fraction": 1.0 - jnp.mean(finished.astype(jnp.float32)),
+          "mismatch/sampler_vs_trainer_logprob_mean": jnp.sum(gap) / jnp.maximum(count, 1),
+          "mismatch/sampler_vs_trainer_logprob_max": jnp.max(gap),
+          "_tokens": count.astype(jnp.float32)}
+
+
+def _rollout_metrics(rollouts, continuations, old_logprobs) -> dict[str, float]:
+  """Over the GLOBAL batch, on the devices (only scalars come back)."""
+  values = _device_rollout_metrics(rollouts.logprobs, rollouts.lengths, rollouts.finished,
+                                   old_logprobs, continuations.mask)
+  return {k: float(v) for k, v in jax.device_get(values).items()}
+
+
+def _caption_metrics(samples, rewards) -> dict[str, float]:
+  """Over this host's captions (the judge's inputs are host-side)."""
+  words = np.array([len(s.caption.split()) for s in samples], np.float32)
+  reference_words = np.array([np.mean([len(r.split()) for r in s.references])
+                              for s in samples], np.float32)
+  return {"rollout/words_mean": float(words.mean()),
+          "rollout/reference_words_mean": float(reference_words.mean()),
+          "rollout/length_ratio_mean": float(np.nanmean(rewards.components["length_ratio"]))}
 
 
 def run(config, workdir: str, policy, reward: functions.JudgeReward) -> loop.LoopResult:

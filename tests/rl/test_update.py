@@ -42,31 +42,37 @@ def llava_rollout_batch(tmp_path_factory):
 
 
 def _rollouts(model_config, images):
+  """Host-side rollouts (tokens, lengths) with perturbed old logprobs and random advantages;
+  each test lays them out on its own mesh (`_device_batch`)."""
   policy = models.policy_from_config(model_config, jax.random.key(0))
   chats = policy.processor(prompts=["Describe this image in detail."] * 4, images=images)
   rollouts = sampling.generate(policy, policy.params, chats, jax.random.key(1),
                                max_new_tokens=12, num_samples=GROUP)
   tokens, lengths = np.asarray(rollouts.tokens), np.asarray(rollouts.lengths)
-  inputs, prompt_length = scoring.continuation_batch(policy, chats, tokens, lengths, GROUP)
-  old = scoring.continuation_logprobs(policy, policy.params, jax.device_put(inputs),
-                                      prompt_length, jax.device_put(tokens), 1.0)
+  batch = scoring.continuation_batch(policy, chats, tokens, lengths, GROUP)
+  old = scoring.continuation_logprobs(policy, policy.params, batch, 1.0)
   # Perturbed so the ratio is not 1 everywhere and both clip sides are hit.
   old = np.asarray(old) + np.random.default_rng(0).normal(0, 0.3, tokens.shape)
-  batch = {"inputs": inputs, "tokens": tokens,
-           "mask": (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32),
-           "old_logprobs": old.astype(np.float32),
-           "advantages": np.random.default_rng(1).normal(size=len(tokens)).astype(np.float32)}
-  return model_config, batch, prompt_length
+  host = {"chats": chats, "tokens": tokens, "lengths": lengths,
+          "mask": np.asarray(batch.mask), "old_logprobs": old.astype(np.float32),
+          "advantages": np.random.default_rng(1).normal(size=len(tokens)).astype(np.float32)}
+  return model_config, host
 
 
-def _device_batch(batch, mesh):
-  out = {"inputs": parallel.global_inputs(batch["inputs"], mesh)}
-  out.update(parallel.global_inputs({k: v for k, v in batch.items() if k != "inputs"}, mesh))
-  return out
+def _device_batch(policy, host, kl):
+  """The update's batch on `policy`'s mesh: images in one shard per batch shard."""
+  continuations = scoring.continuation_batch(policy, host["chats"], host["tokens"],
+                                             host["lengths"], GROUP)
+  placed = parallel.global_inputs({k: host[k] for k in ("old_logprobs", "advantages")},
+                                  policy.mesh)
+  ref = None
+  if kl:
+    ref = parallel.global_inputs({"r": host["old_logprobs"] - 0.05}, policy.mesh)["r"]
+  return update.RolloutBatch(continuations, placed["old_logprobs"], placed["advantages"], ref)
 
 
 def _updated(rollout_batch, *, mesh=None, micro_batches=1, passes=1, kl=False):
-  model_config, batch, prompt_length = rollout_batch
+  model_config, host = rollout_batch
   policy = models.policy_from_config(model_config, jax.random.key(0), mesh=mesh)
   # Adam's first step is lr * g / (|g| + eps): a coordinate whose gradient is ~0 turns the
   # float reassociation noise of another reduction order (~1e-10) into lr * noise / eps. eps
@@ -75,14 +81,11 @@ def _updated(rollout_batch, *, mesh=None, micro_batches=1, passes=1, kl=False):
   optimizer = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-3, eps=1e-6),
                                    total_steps=10)
   loss_config = losses.LossConfig(eps_low=0.2, eps_high=0.28, kl_coef=0.1 if kl else 0.0)
-  step = update.make_update(policy.module, optimizer, loss_config, prompt_length=prompt_length,
+  step = update.make_update(policy.module, optimizer, loss_config,
                             num_micro_batches=micro_batches, num_passes=passes,
                             temperature=1.0, mesh=mesh)
-  batch = dict(batch)
-  if kl:
-    batch["ref_logprobs"] = batch["old_logprobs"] - 0.05
   state, metrics = step(train_state.initial_state(policy, optimizer, 0),
-                        _device_batch(batch, mesh))
+                        _device_batch(policy, host, kl))
   return jax.device_get(state["params"]), jax.device_get(metrics), policy
 
 
@@ -124,6 +127,7 @@ def test_micro_batching_changes_neither_the_update_nor_its_metrics(rollout_batch
     np.testing.assert_allclose(split_metrics[key], whole_metrics[key], rtol=2e-5, atol=1e-6,
                                err_msg=key)
   assert whole_metrics["update/policy/tokens"] == rollout_batch[1]["mask"].sum()
+  assert rollout_batch[1]["mask"].sum() == rollout_batch[1]["lengths"].sum() > 0
 
 
 def test_micro_batch_statistics_combine_like_the_whole_batch():
@@ -147,7 +151,7 @@ def test_micro_batch_statistics_combine_like_the_whole_batch():
 
 
 def test_inner_passes_move_the_policy_and_clip_more(rollout_batch, one_pass):
-  _, batch, _ = rollout_batch
+  _, batch = rollout_batch
   one, one_metrics = one_pass
   three, three_metrics, _ = _updated(rollout_batch, passes=3)
   assert one_metrics["update/policy/clip_fraction"] == three_metrics[
@@ -156,3 +160,44 @@ def test_inner_passes_move_the_policy_and_clip_more(rollout_batch, one_pass):
   moved_one = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), one, three))
   assert max(moved_one) > 0
   assert batch["mask"].sum() > 0
+
+
+def test_images_encoded_once_train_the_vision_tower_like_the_plain_gradient(rollout_batch):
+  """The update encodes each pass's images once and sends the features' cotangents, summed
+  over micro-batches, back through the tower once. Against a plain `jax.grad` of the whole
+  batch's loss with the images encoded inside the model call (no vjp, no micro-batches): the
+  same params, and the vision tower really moved."""
+  model_config, host = rollout_batch
+  policy = models.policy_from_config(model_config, jax.random.key(0))
+  optimizer = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-3, eps=1e-6),
+                                   total_steps=10)
+  loss_config = losses.LossConfig(eps_low=0.2, eps_high=0.28)
+  batch = _device_batch(policy, host, kl=False)
+  c = batch.continuations
+  assert c.images, "the tiny policy's batch has images"
+
+  def plain_loss(params):
+    logits = policy.module.apply({"params": params}, **c.rows, **c.images,
+                                 logits_window=(c.prompt_length - 1, c.tokens.shape[1]))
+    logprobs = scoring.token_logprobs(logits, c.tokens, 1.0)
+    mask = c.mask > 0
+    return losses.rl_loss(logprobs, batch.old_logprobs, None, batch.advantages, c.mask,
+                          loss_config, global_tokens=jnp.sum(mask).astype(jnp.float32),
+                          global_sequences=jnp.sum(jnp.any(mask, axis=1)).astype(
+                              jnp.float32))[0]
+
+  params = policy.params
+  grads = jax.jit(jax.grad(plain_loss))(params)
+  updates, _ = optimizer.update(grads, jax.jit(optimizer.init)(params), params)
+  expected = jax.device_get(optim.apply_updates(params, updates))
+  assert np.abs(jax.device_get(grads["visual"]["patch_embed"]["kernel"])).max() > 0
+
+  step = update.make_update(policy.module, optimizer, loss_config, num_micro_batches=4,
+                            num_passes=1, temperature=1.0)
+  before = jax.device_get(params)
+  state, _ = step(train_state.initial_state(policy, optimizer, 0), batch)
+  got = jax.device_get(state["params"])
+  _assert_params_close(got, expected)
+  moved = np.abs(got["visual"]["patch_embed"]["kernel"]
+                 - before["visual"]["patch_embed"]["kernel"]).max()
+  assert moved > 1e-4  # Adam moves a trained weight by ~lr
