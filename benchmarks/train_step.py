@@ -12,7 +12,7 @@ micro-batches, one pass, AdamW. Printed, best of 3 calls:
     continuation positions run forward and backward);
   - model FLOP/s: 3 x the forward matmul FLOPs (decoder weights, output layer over the
     continuation window, attention over each row's context, the vision tower once per
-    micro-batch) against this machine's fp32 matmul peak measured in the same run (MFU);
+    update: the images are encoded once, whatever the micro-batches) against this machine's fp32 matmul peak measured in the same run (MFU);
   - peak resident memory above the level before the calls (on a CPU, device memory).
 """
 
@@ -64,12 +64,11 @@ def rl_batch(policy, prompts: int, group: int, new: int):
   chats = qwen_fixtures.batch(rng, [(list(rng.integers(0, 31000, TEXT_TOKENS)), grid)] * prompts)
   tokens = rng.integers(0, 31000, (prompts * group, new)).astype(np.int32)
   lengths = np.full((prompts * group,), new, np.int32)
-  inputs, prompt_length = scoring.continuation_batch(policy, chats, tokens, lengths, group)
-  batch = {"inputs": jax.device_put(inputs), "tokens": jax.device_put(tokens),
-           "mask": jax.device_put(np.ones_like(tokens)),
-           "old_logprobs": jax.device_put(np.full(tokens.shape, -10.0, np.float32)),
-           "advantages": jax.device_put(rng.normal(size=len(tokens)).astype(np.float32))}
-  return batch, prompt_length, int(grid[1] * grid[2])
+  continuations = scoring.continuation_batch(policy, chats, tokens, lengths, group)
+  batch = update.RolloutBatch(
+      continuations, jax.device_put(np.full(tokens.shape, -10.0, np.float32)),
+      jax.device_put(rng.normal(size=len(tokens)).astype(np.float32)))
+  return batch, continuations.prompt_length, int(grid[1] * grid[2])
 
 
 def main():
@@ -97,7 +96,7 @@ def main():
   batch, prompt_length, patches = rl_batch(policy, args.prompts, args.group, args.new_tokens)
   rows = args.prompts * args.group
   step = update.make_update(policy.module, optimizer, losses.LossConfig(),
-                            prompt_length=prompt_length, num_micro_batches=args.micro,
+                            num_micro_batches=args.micro,
                             num_passes=1, temperature=1.0)
   holder = {"state": state}
 
@@ -106,8 +105,9 @@ def main():
     jax.block_until_ready(metrics)
 
   seconds, memory = measured(run)
+  # (The images are encoded once per update, not once per micro-batch.)
   flops = 3 * forward_flops(policy.config, rows, prompt_length, args.new_tokens,
-                            args.prompts, patches, args.micro)
+                            args.prompts, patches, 1)
   all_tokens = rows * (prompt_length + args.new_tokens)
   print(f"model: {count / 1e6:.1f}M parameters, fp32")
   print(f"RL update: {args.prompts} prompts x G={args.group}, prompt {prompt_length} tokens "

@@ -131,16 +131,18 @@ def test_greedy_tokens_equal_transformers_generate(policy):
   assert near_ties <= 1
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampler_logprobs_equal_teacher_forced_logprobs(policy, temperature):
+@pytest.mark.parametrize("temperature,micro_batches", [(1.0, 1), (0.7, 3)])
+def test_sampler_logprobs_equal_teacher_forced_logprobs(policy, temperature, micro_batches):
   inputs = prompts(policy.adapter, 1)
   rollouts = sampling.generate(policy, policy.params, inputs, jax.random.key(1),
                                max_new_tokens=16, num_samples=3, temperature=temperature,
                                eos_token_ids=(policy.adapter.eos,))
-  continuation, prompt_length = scoring.continuation_batch(
-      policy, inputs, rollouts.tokens, rollouts.lengths, num_samples=3)
-  forced = scoring.continuation_logprobs(policy, policy.params, continuation, prompt_length,
-                                         rollouts.tokens, temperature)
+  continuation = scoring.continuation_batch(policy, inputs, rollouts.tokens, rollouts.lengths,
+                                           num_samples=3)
+  np.testing.assert_array_equal(np.asarray(continuation.mask).sum(axis=1), rollouts.lengths)
+  # (3 strided micro-batches of the 9 rows: the logprobs come back in row order.)
+  forced = scoring.continuation_logprobs(policy, policy.params, continuation, temperature,
+                                         num_micro_batches=micro_batches)
   real = np.arange(16)[None] < np.asarray(rollouts.lengths)[:, None]
   assert real.sum() > 40
   diff = np.abs(np.asarray(forced) - np.asarray(rollouts.logprobs))[real].max()

@@ -181,26 +181,54 @@ class Builder:
                                  decode_bytes, steps)
     if not {"score", "update"} & set(names):
       return out + (self._sft() if "sft" in names else [])
-    tokens = np.zeros((rollouts, steps), np.int32)
-    continuation, prompt_length = scoring.continuation_batch(
-        self.policy, raw, tokens, np.full((rollouts,), steps), group, c.sampling.prompt_bucket)
-    continuation = abstract_inputs(continuation, self.mesh)
-    row_spec = parallel.input_sharding("tokens", self.mesh)
-    abstract_tokens = jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=row_spec)
     total = prompt_length + steps
     score_flops = self.forward_flops(rollouts, total, total, steps, rows, patches)
+    micro = rollouts // c.rl.micro_batch_size if c.rl.micro_batch_size else 1
     if "score" in names:
       temperature = c.sampling.temperature or 1.0
+
+      def lowered_score(num_micro: int, num_rows: int):
+        with parallel.mesh_context(self.mesh):
+          return scoring._continuation_logprobs.lower(  # pylint: disable=protected-access
+              self.module, self.params, self.continuations(inputs, num_rows), temperature,
+              num_micro)
+      # Costs as the update's (below): 1 and 2 micro-batches of the real size, extrapolated.
+      size = rollouts // micro
+      parts = [(2.0 - micro, lambda: lowered_score(1, size))]
+      if micro > 1:
+        parts.append((micro - 1.0, lambda: lowered_score(2, 2 * size)))
       out.append(Program(
-          "score", lambda: _lower_score(self, continuation, prompt_length, abstract_tokens,
-                                        temperature),
-          score_flops / self.devices, self.weight_bytes(),
-          note=f"{rollouts} rollouts of {prompt_length} + {steps} tokens"))
+          "score", lambda: lowered_score(micro, rollouts),
+          score_flops / self.devices,
+          # the decoder's weights once per micro-batch, the vision tower's once
+          micro * self.weight_bytes(vision=False) + self.weight_bytes() - self.weight_bytes(
+              vision=False),
+          note=f"{rollouts} rollouts of {prompt_length} + {steps} tokens, {micro} "
+               "micro-batches", cost_parts=parts))
     if "update" in names:
-      out.append(self._update(continuation, abstract_tokens, prompt_length, score_flops))
+      out.append(self._update(inputs, rollouts, micro, score_flops))
     if "sft" in names:
       out += self._sft()
     return out
+
+  def continuations(self, prompt_inputs: dict[str, Any], rows: int) -> scoring.Continuations:
+    """An abstract continuation batch of `rows` rollouts of the configured length, with the
+    images of every prompt (what the scoring and update programs see: fewer rows than the
+    whole batch only where costs are measured per micro-batch)."""
+    steps = self.config.sampling.max_new_tokens
+    prompt_length = prompt_inputs["input_ids"].shape[1]
+    row = parallel.input_sharding("tokens", self.mesh)
+    struct = lambda shape, key="tokens": jax.ShapeDtypeStruct(  # noqa: E731
+        shape, jnp.int32, sharding=parallel.input_sharding(key, self.mesh))
+    length = prompt_length + steps
+    batch_rows = {"input_ids": struct((rows, length)),
+                  "attention_mask": struct((rows, length)),
+                  "position_ids": struct((3, rows, length), "position_ids")}
+    if "image_row_offsets" in prompt_inputs:
+      batch_rows["image_row_offsets"] = struct((rows,))
+    images = {k: prompt_inputs[k] for k in scoring.IMAGE_INPUTS if k in prompt_inputs}
+    tokens = jax.ShapeDtypeStruct((rows, steps), jnp.int32, sharding=row)
+    return scoring.Continuations(batch_rows, images, tokens, tokens, prompt_length)
 
   def _sampler_parts(self, names, inputs, spec, prefill_flops, decode_flops, decode_bytes,
                      steps) -> list[Program]:
@@ -241,12 +269,10 @@ class Builder:
                          note="one generated token for every rollout"))
     return out
 
-  def _update(self, continuation, tokens, prompt_length, score_flops) -> Program:
+  def _update(self, prompt_inputs, rollouts, micro, score_flops) -> Program:
     c = self.config
     rl = c.rl
-    rollouts = tokens.shape[0]
     optimizer = optim.make_optimizer(optim.from_config(rl.optimizer), total_steps=rl.num_steps)
-    micro = rollouts // rl.micro_batch_size if rl.micro_batch_size else 1
     loss_config = losses.from_config(rl.loss)
     state = self.state(optimizer)
     passes = rl.num_inner_updates
@@ -254,28 +280,28 @@ class Builder:
 
     def lowered(num_micro: int, num_passes: int, rows: int):
       program = update.make_update(
-          self.module, optimizer, loss_config, prompt_length=prompt_length,
-          num_micro_batches=num_micro, num_passes=num_passes,
-          temperature=c.sampling.temperature or 1.0, mesh=self.mesh)
-      shape = (rows, tokens.shape[1])
-      batch = {"inputs": _first_rows(continuation, rows),
-               "tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=row),
-               "mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=row),
-               "old_logprobs": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=row),
-               "advantages": jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=row)}
-      if loss_config.kl_coef > 0:
-        batch["ref_logprobs"] = batch["old_logprobs"]
+          self.module, optimizer, loss_config, num_micro_batches=num_micro,
+          num_passes=num_passes, temperature=c.sampling.temperature or 1.0, mesh=self.mesh)
+      continuations = self.continuations(prompt_inputs, rows)
+      logprobs = jax.ShapeDtypeStruct(continuations.tokens.shape, jnp.float32, sharding=row)
+      batch = update.RolloutBatch(
+          continuations, logprobs, jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=row),
+          logprobs if loss_config.kl_coef > 0 else None)
       return program.lower(state, batch)
 
-    # Costs: one pass with 1 and with 2 micro-batches of the real size (every micro-batch
-    # with the whole batch's images, as the real one has; the micro-batch loop unrolled like
-    # the layers): C(n) = C1 + (n - 1)(C2 - C1), times the passes.
+    # Costs: one pass with 1 and with 2 micro-batches of the real size (each with every
+    # prompt's images, encoded once per pass as in the real program; the micro-batch loop
+    # unrolled like the layers): C(n) = C1 + (n - 1)(C2 - C1), times the passes.
     size = rollouts // micro
     parts = [(passes * (2.0 - micro), lambda: lowered(1, 1, size))]
     if micro > 1:
       parts.append((passes * (micro - 1.0), lambda: lowered(2, 1, 2 * size)))
+    # Each pass reads the decoder's weights forward and backward in every micro-batch, the
+    # vision tower's once each way, and updates every param shard (f32 param, grad, 2 moments).
     shard_bytes = 4 * (self.text_params + self.vision_params) / self.devices
-    ideal_bytes = passes * (micro * 2 * self.weight_bytes() + 8 * shard_bytes)
+    vision_bytes = self.weight_bytes() - self.weight_bytes(vision=False)
+    ideal_bytes = passes * (micro * 2 * self.weight_bytes(vision=False) + 2 * vision_bytes
+                            + 8 * shard_bytes)
     return Program("update", lambda: lowered(micro, passes, rollouts),
                    passes * self.training_factor() * score_flops / self.devices, ideal_bytes,
                    note=f"{rollouts} rollouts, {micro} micro-batches, {passes} pass(es), remat "
@@ -289,7 +315,8 @@ class Builder:
     probe = self.family.example_batch(self.model_config, 1, tuple(c.compile.image_size), 1)
     text = max(1, length - probe["input_ids"].shape[1] + 1)
     raw = self.family.example_batch(self.model_config, rows, tuple(c.compile.image_size), text)
-    prepared = self.family.prepare_batch(self.model_config, raw)
+    prepared = self.family.prepare_batch(self.model_config, raw,
+                                         parallel.host_rows_multiple(self.mesh))
     prepared["loss_mask"] = np.ones_like(prepared["input_ids"], np.int32)
     inputs = abstract_inputs({k: v for k, v in prepared.items()
                               if k in sft.MODEL_INPUTS + ("loss_mask",) and v is not None},
@@ -305,23 +332,3 @@ class Builder:
     return [Program("sft", lambda: program.lower(state, inputs), flops / self.devices,
                     2 * self.weight_bytes() + 8 * shard_bytes,
                     note=f"{rows} chats of {tokens} tokens")]
-
-
-def _first_rows(inputs: dict[str, Any], rows: int) -> dict[str, Any]:
-  """The continuation batch's first `rows` rollouts, with every prompt's images (shared)."""
-  out = {}
-  for key, value in inputs.items():
-    axis = parallel.BATCH_AXIS_OF.get(key, 0)
-    if axis is None:
-      out[key] = value
-      continue
-    shape = list(value.shape)
-    shape[axis] = rows
-    out[key] = jax.ShapeDtypeStruct(tuple(shape), value.dtype, sharding=value.sharding)
-  return out
-
-
-def _lower_score(builder: Builder, inputs, prompt_length, tokens, temperature):
-  with parallel.mesh_context(builder.mesh):
-    return scoring._continuation_logprobs.lower(  # pylint: disable=protected-access
-        builder.module, builder.params, inputs, prompt_length, tokens, float(temperature))

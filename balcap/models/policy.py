@@ -145,7 +145,8 @@ def family_of(model_type: str) -> Family:
   return _FAMILIES[model_type]
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout",
+                "image_row_offsets")
 
 
 @dataclasses.dataclass

@@ -58,6 +58,13 @@ class RLStep:
     self.host_prompts = parallel.host_batch_size(rl.batch_size)
     rows = self.host_prompts * self.group * jax.process_count()
     self.micro_batches = rows // rl.micro_batch_size if rl.micro_batch_size else 1
+    shards = parallel.host_rows_multiple(policy.mesh) * jax.process_count()
+    if (rows // self.micro_batches) % shards:
+      raise ValueError(
+          f"config.rl.micro_batch_size={rl.micro_batch_size}: each micro-batch of "
+          f"{rows // self.micro_batches} rollouts must spread evenly over the mesh's {shards} "
+          "batch shards (data x fsdp); use a multiple of "
+          f"{shards}")
     self.loss_config = losses.from_config(rl.loss)
     self.advantage_config = advantages_lib.from_config(config.advantage)
     self.optimizer = optim.make_optimizer(optim.from_config(rl.optimizer),
