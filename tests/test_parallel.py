@@ -137,8 +137,13 @@ _TWO_HOST_SCRIPT = textwrap.dedent("""
     batch = parallel.make_global_batch(local, mesh)
     total = jax.jit(lambda x: x.sum(axis=1))(batch["x"])
     gathered = np.asarray(multihost_utils.process_allgather(total, tiled=True))
+    # host_local reads this host's own shards: no collective (an all-gather here would fail).
+    def no_gather(*args, **kwargs):
+      raise AssertionError("host_local all-gathered")
+    multihost_utils.process_allgather = no_gather
+    mine = parallel.host_local(total)
     print("RESULT", process, jax.process_count(), jax.device_count(), batch["x"].shape,
-          gathered.tolist(), flush=True)
+          gathered.tolist(), mine.tolist(), flush=True)
     jax.distributed.shutdown()
 """)
 
@@ -159,4 +164,5 @@ def test_two_processes_assemble_one_global_batch():
                    if line.startswith("RESULT"))
   # 2 hosts x 2 devices, 4 rows per host -> 8 global rows; host 0's rows come first.
   expected = [3.0] * 4 + [6.0] * 4
-  assert results == [f"RESULT 0 2 4 (8, 3) {expected}", f"RESULT 1 2 4 (8, 3) {expected}"]
+  assert results == [f"RESULT 0 2 4 (8, 3) {expected} {[3.0] * 4}",
+                     f"RESULT 1 2 4 (8, 3) {expected} {[6.0] * 4}"]
