@@ -97,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.group_size = 8              # G rollouts per prompt
   c.rl.num_inner_updates = 1       # mu: optimizer updates per batch of rollouts
   c.rl.micro_batch_size = 0        # rollouts per gradient micro-batch; 0 = all at once
+  # Judge step t's captions while step t+1's rollouts are sampled, and update on step t when
+  # its rewards are in: one step off-policy, the importance ratio taken against the sampler's
+  # logprobs. Pays when the judge is slow (an LLM); off until measured on your judge.
+  c.rl.async_rewards = False
   c.rl.loss = ml_collections.ConfigDict()
   c.rl.loss.eps_low = 0.2          # clip ratio below at 1 - eps_low
   c.rl.loss.eps_high = 0.2         # and above at 1 + eps_high (DAPO: 0.28)

@@ -1,13 +1,14 @@
 """A small RL run of the learner (random tiny policy, CapWorld judge), run by tests in
 subprocesses they kill, resume or split over hosts.
 
-    python tests/learner_program.py WORKDIR TFDS_DIR NUM_STEPS [distributed]
+    python tests/learner_program.py WORKDIR TFDS_DIR NUM_STEPS [distributed] [async]
     python tests/learner_program.py WORKDIR TFDS_DIR one_step [distributed]
 
 `one_step` is one RL step on the first 2 training examples, each host taking its share, so
 1 host and 2 hosts see the same global batch. Prints `PARAMS <sha256 of every parameter's
 bytes>` at the end: two runs agree bitwise iff their final params do; a whole run also prints
-`POLICY <digest>` of the policy object it trained (the same params, handed back).
+`POLICY <digest>` of the policy object it trained (the same params, handed back). `async` turns
+on config.rl.async_rewards.
 """
 
 import hashlib
@@ -23,8 +24,9 @@ from balcap.rl.rewards import factory
 from testlib import load_config_file, tiny_data_config
 
 
-def config_for(tfds_dir: str, num_steps: int):
+def config_for(tfds_dir: str, num_steps: int, async_rewards: bool = False):
   config = load_config_file("tiny")
+  config.rl.async_rewards = async_rewards
   config.data = tiny_data_config(tfds_dir)
   config.mesh = configs.mesh_preset("cpu")
   config.rl.num_steps = num_steps
@@ -47,8 +49,8 @@ def params_digest(params) -> str:
   return digest.hexdigest()
 
 
-def _setup(workdir: str, tfds_dir: str, num_steps: int):
-  config = config_for(tfds_dir, num_steps)
+def _setup(workdir: str, tfds_dir: str, num_steps: int, async_rewards: bool = False):
+  config = config_for(tfds_dir, num_steps, async_rewards)
   configs.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   mesh = parallel.make_mesh(config.mesh)
   policy = models.policy_from_config(config.model, jax.random.key(config.seed), mesh=mesh)
@@ -56,8 +58,8 @@ def _setup(workdir: str, tfds_dir: str, num_steps: int):
   return config, policy, reward
 
 
-def run(workdir: str, tfds_dir: str, num_steps: int):
-  config, policy, reward = _setup(workdir, tfds_dir, num_steps)
+def run(workdir: str, tfds_dir: str, num_steps: int, async_rewards: bool = False):
+  config, policy, reward = _setup(workdir, tfds_dir, num_steps, async_rewards)
   return learner.run(config, workdir, policy, reward), policy
 
 
@@ -75,14 +77,15 @@ def one_step(workdir: str, tfds_dir: str):
 
 
 if __name__ == "__main__":
-  if len(sys.argv) > 4 and sys.argv[4] == "distributed":
+  flags = sys.argv[4:]
+  if "distributed" in flags:
     assert parallel.initialize_distributed()
   if sys.argv[3] == "one_step":
     final, logged = one_step(sys.argv[1], sys.argv[2])
     print("RESULT", float(logged["advantage/abs_mean"]), int(final["step"]), flush=True)
     params = final["params"]
   else:
-    result, trained = run(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    result, trained = run(sys.argv[1], sys.argv[2], int(sys.argv[3]), "async" in flags)
     print("RESULT", result.resumed_from, result.step, flush=True)
     params = result.state["params"]
     # The caller's policy holds the trained params (its own were donated to the update).

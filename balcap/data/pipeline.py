@@ -10,6 +10,7 @@ number of batches; padding rows have `mask == False`.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
@@ -81,6 +82,49 @@ def train_iterator(source, *, batch_size: int, seed: int,
   dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=collate)
   options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
   return iter(dataset.to_iter_dataset(options))
+
+
+class Lookahead:
+  """An iterator that can show its next batch early (`peek`) without losing it on a restart.
+
+  The asynchronous RL step samples step t+1's rollouts during step t, so it needs step t+1's
+  batch before the loop asks for it. A checkpoint written after a peek holds the state from
+  BEFORE the peeked batch: a resumed run reads that batch again (and re-makes what was in
+  flight from it). Checkpoints like any iterator (`get_state` / `set_state` as JSON bytes).
+  """
+
+  def __init__(self, iterator):
+    self._iterator = iterator
+    self._peeked = None          # the batch `peek` took, not yet returned by `next`
+    self._state_before = None    # the iterator's state before that batch
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    if self._peeked is not None:
+      batch, self._peeked, self._state_before = self._peeked, None, None
+      return batch
+    return next(self._iterator)
+
+  def peek(self) -> Batch:
+    """The batch the next `next()` returns."""
+    if self._peeked is None:
+      self._state_before = self._iterator.get_state()
+      self._peeked = next(self._iterator)
+    return self._peeked
+
+  def get_state(self) -> bytes:
+    state = self._state_before if self._peeked is not None else self._iterator.get_state()
+    return json.dumps(state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._peeked, self._state_before = None, None
+    self._iterator.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:  # grain's checkpoint handler calls it after a restore
+    if hasattr(self._iterator, "start_prefetch"):
+      self._iterator.start_prefetch()
 
 
 def eval_batches(source, *, batch_size: int,

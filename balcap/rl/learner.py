@@ -12,10 +12,23 @@ One step, for each host's shard of `config.rl.batch_size` prompts:
 The loop, checkpoints (workdir/rl), resume, SIGTERM and metrics are `balcap.loop`'s. The step's
 PRNG key is folded from the run's seed and the step number, so a resumed run samples exactly
 what an uninterrupted one would.
+
+With `config.rl.async_rewards` the judge overlaps the devices' work: step t samples step t+1's
+rollouts (with the params step t's update has not yet changed) and submits them to the judge,
+then updates on step t's rollouts, whose captions were judged meanwhile. Each update is one step
+off-policy (the first is on-policy), and its importance ratio is against the policy that
+sampled: the sampler's own logprobs are the "old" ones (they are the trainer's, see
+`balcap.sampling`), so no scoring pass is needed either. The rollouts in flight are part of the
+training state (`state["inflight"]`, checkpointed with it) and the data iterator's checkpoint
+is taken from before their examples (`pipeline.Lookahead`), so a resumed run re-makes their
+prompts, re-judges their captions and continues exactly; so does a finished run whose
+`num_steps` is raised (its last step sampled ahead too).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -26,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from balcap import loop, optim, parallel, sampling, scoring, train_state
@@ -49,11 +63,18 @@ class RLStep:
   the judge) from its own shards, and gives back only rewards."""
 
   def __init__(self, config, workdir: str, policy, reward: functions.JudgeReward,
-               ref_params: Any = None, eval_source=None):
+               ref_params: Any = None, eval_source=None,
+               lookahead: pipeline.Lookahead | None = None):
     self.config, self.workdir, self.policy, self.reward = config, workdir, policy, reward
     self.ref_params = ref_params
     self.eval_source = eval_source
     rl = config.rl
+    self.async_rewards = bool(rl.async_rewards)
+    if self.async_rewards and lookahead is None:
+      raise ValueError("config.rl.async_rewards samples a step ahead: RLStep needs the "
+                       "loop's data iterator as a `pipeline.Lookahead` (see `run`)")
+    self.lookahead = lookahead
+    self._ahead: _Sampled | None = None  # async: next step's batch, sampled during this one
     self.group = rl.group_size
     self.host_prompts = parallel.host_batch_size(rl.batch_size)
     rows = self.host_prompts * self.group * jax.process_count()
@@ -80,6 +101,22 @@ class RLStep:
         num_passes=rl.num_inner_updates, temperature=self.temperature, mesh=policy.mesh)
     self._advantages = jax.jit(lambda r, q: advantages_lib.compute(self.advantage_config, r, q))
     self.base_key = jax.random.key(config.seed)
+    self._place_inflight = _inflight_placer(policy.mesh)
+
+  def empty_inflight(self) -> dict[str, jax.Array]:
+    """Async: `state["inflight"]` before anything is in flight (made for step 0, which no
+    step is), shaped and laid out as the rollouts that will fill it."""
+    rows = self.host_prompts * self.group * jax.process_count()
+    shape = (rows, self.spec.max_new_tokens)
+    rollouts = sampling.Rollouts(jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32),
+                                 jnp.zeros(shape[:1], jnp.int32), jnp.zeros(shape[:1], bool))
+    mesh = self.policy.mesh
+    if mesh is None:
+      counter = jax.device_put(jnp.zeros((), jnp.int32), jax.devices()[0])
+    else:  # made where it lives: with several hosts, nothing is copied across them
+      counter = jax.jit(lambda: jnp.zeros((), jnp.int32),
+                        out_shardings=NamedSharding(mesh, PartitionSpec()))()
+    return {**_rollout_fields(self._place_inflight(rollouts)), "step": counter}
 
   # The phases of a step, in order ---------------------------------------------------------
 
@@ -100,6 +137,57 @@ class RLStep:
     return sampling.generate_prepared(self.policy, params, inputs, prompts["start"], key,
                                       self.spec)
 
+  def sampled(self, step: int, prompts: dict[str, Any], rollouts: sampling.Rollouts,
+              examples: dict[str, Any], *, judge: bool = True) -> "_Sampled":
+    """The rollouts with this host's captions decoded (waits for the sampler) and, `judge`,
+    submitted to the judge (it works on a thread of its own meanwhile)."""
+    captions = captioning.decode(self.policy, rollouts)
+    rows = [{k: examples[k][i] for k in examples} for i in range(len(captions) // self.group)]
+    samples = functions.make_samples(rows, captions, self.group)
+    pending = self.reward.submit(samples) if judge else None
+    return _Sampled(step, prompts, rollouts, samples, pending)
+
+  def this_steps_rollouts(self, state: dict[str, Any], examples: dict[str, Any], step: int
+                          ) -> tuple["_Sampled", int]:
+    """Step `step`'s rollouts, judged or being judged, and how many updates old the params
+    that sampled them are: those sampled during the previous step (async, 1), or those
+    restored with the checkpoint (async, resumed: prompts re-made, captions judged again), or
+    sampled now (0)."""
+    if self.async_rewards:
+      ahead, self._ahead = self._ahead, None
+      if ahead is not None and ahead.step == step:
+        _check_same_examples(ahead, examples, step, self.group)
+        if ahead.pending is None:
+          ahead.pending = self.reward.submit(ahead.samples)
+        return ahead, 1
+      if _inflight_step(state) == step:
+        inflight = state["inflight"]
+        rollouts = sampling.Rollouts(inflight["tokens"], inflight["logprobs"],
+                                     inflight["lengths"], inflight["finished"])
+        return self.sampled(step, self.prompts(examples), rollouts, examples), 1
+    prompts = self.prompts(examples)
+    rollouts = self.sample(state["params"], prompts, jax.random.fold_in(self.base_key, step))
+    if self.async_rewards:  # laid out as restored ones are, so both paths compile alike
+      rollouts = self._place_inflight(rollouts)
+    return self.sampled(step, prompts, rollouts, examples), 0
+
+  def sample_ahead(self, params, step: int):
+    """Async: starts sampling step+1's rollouts, from the batch the loop will hand it, with
+    `params` (step `step`'s, before its update). Returns what `judge_ahead` takes."""
+    examples = self.lookahead.peek()
+    prompts = self.prompts(examples)
+    rollouts = self._place_inflight(
+        self.sample(params, prompts, jax.random.fold_in(self.base_key, step + 1)))
+    return step + 1, prompts, rollouts, examples
+
+  def judge_ahead(self, ahead) -> "_Sampled":
+    """Decodes the rollouts sampled ahead (waits for the sampler) and submits them to the
+    judge, unless they are past the run's last step (sampled so that raising num_steps and
+    resuming continues exactly, but judged only if that happens)."""
+    step, prompts, rollouts, examples = ahead
+    return self.sampled(step, prompts, rollouts, examples,
+                        judge=step <= self.config.rl.num_steps)
+
   def continuations(self, prompts: dict[str, Any], rollouts: sampling.Rollouts
                     ) -> scoring.Continuations:
     """The rollouts as teacher-forced rows, on the devices. They are trained on up to the
@@ -114,10 +202,14 @@ class RLStep:
                                                                            steps),
                                  rollouts.lengths, self.group, self.policy.mesh)
 
-  def score(self, params, batch: scoring.Continuations):
-    """Old (and, KL on, reference) logprobs [R, N], micro-batched like the update."""
-    old = scoring.continuation_logprobs(self.policy, params, batch, self.temperature,
-                                        self.micro_batches)
+  def score(self, params, batch: scoring.Continuations, rollouts: sampling.Rollouts):
+    """Old (and, KL on, reference) logprobs [R, N], micro-batched like the update. Async, the
+    old ones are the sampler's: the params that sampled are gone by the update."""
+    if self.async_rewards:
+      old = _first_columns(rollouts.logprobs, batch.tokens.shape[1])
+    else:
+      old = scoring.continuation_logprobs(self.policy, params, batch, self.temperature,
+                                          self.micro_batches)
     ref = None
     if self.ref_params is not None:
       ref = scoring.continuation_logprobs(self.policy, self.ref_params, batch,
@@ -139,32 +231,37 @@ class RLStep:
   def __call__(self, state: dict[str, Any], examples: dict[str, Any], step: int):
     timings, started = {}, time.perf_counter()
     config = self.config
-    key = jax.random.fold_in(self.base_key, step)
-    prompts = self.prompts(examples)
-    rollouts = self.sample(state["params"], prompts, key)
-    captions = captioning.decode(self.policy, rollouts)  # waits for the sampler
+    current, lag = self.this_steps_rollouts(state, examples, step)
     timings["sample"] = time.perf_counter() - started
 
-    rows = [{k: examples[k][i] for k in examples} for i in range(len(captions) // self.group)]
-    samples = functions.make_samples(rows, captions, self.group)
-    pending = self.reward.submit(samples)
-
-    continuations = self.continuations(prompts, rollouts)
-    old_logprobs, ref_logprobs = self.score(state["params"], continuations)
+    continuations = self.continuations(current.prompts, current.rollouts)
+    old_logprobs, ref_logprobs = self.score(state["params"], continuations, current.rollouts)
+    ahead = None
+    if self.async_rewards:  # queued behind the scoring; this step's judge works meanwhile
+      ahead_started = time.perf_counter()
+      ahead = self.judge_ahead(self.sample_ahead(state["params"], step))
+      timings["sample_ahead"] = time.perf_counter() - ahead_started
     reward_started = time.perf_counter()
-    rewards = self.reward.result(pending, samples, config.rewards.deadline_s)
+    rewards = self.reward.result(current.pending, current.samples, config.rewards.deadline_s)
     timings["reward_wait"] = time.perf_counter() - reward_started
     advantages, advantage_stats = self.advantages(rewards)
 
     update_started = time.perf_counter()
     batch = update.RolloutBatch(continuations, old_logprobs, advantages, ref_logprobs)
-    state, update_metrics = self.update(state, batch)
+    trained = {k: v for k, v in state.items() if k != "inflight"}
+    state, update_metrics = self.update(trained, batch)
+    if ahead is not None:
+      state["inflight"] = {**_rollout_fields(ahead.rollouts),
+                           "step": _next_step(state["step"])}
+      self._ahead = ahead
     jax.block_until_ready(state["step"])
     timings["update"] = time.perf_counter() - update_started
 
     metrics = {**rewards.metrics(), **advantage_stats, **update_metrics}
-    metrics.update(_rollout_metrics(rollouts, continuations, old_logprobs))
-    metrics.update(_caption_metrics(samples, rewards))
+    metrics.update(_rollout_metrics(current.rollouts, continuations,
+                                    None if self.async_rewards else old_logprobs))
+    metrics["rollout/policy_lag_steps"] = float(lag)
+    metrics.update(_caption_metrics(current.samples, rewards))
     total = time.perf_counter() - started
     metrics.update({f"time/{k}": v for k, v in timings.items()})
     metrics["time/step"] = total
@@ -172,7 +269,7 @@ class RLStep:
     metrics["learning_rate"] = float(optim.learning_rate_schedule(
         optim.from_config(config.rl.optimizer), config.rl.num_steps)(step - 1))
     if config.rl.sample_table_every and step % config.rl.sample_table_every == 0:
-      metrics["_texts"] = self._sample_table(step, samples, rewards,
+      metrics["_texts"] = self._sample_table(step, current.samples, rewards,
                                              parallel.host_local(advantages))
     if config.rl.eval_every and step % config.rl.eval_every == 0 and self.eval_source:
       eval_metrics, _ = self.evaluate(state["params"], config.rl.eval_examples)
@@ -207,6 +304,54 @@ class RLStep:
         prompt_bucket=config.sampling.prompt_bucket)
 
 
+@dataclasses.dataclass
+class _Sampled:
+  """One step's rollouts with what the host keeps of them until their update."""
+  step: int                          # the step whose update trains on them
+  prompts: dict[str, Any]            # the sampler's placed inputs (+ "start")
+  rollouts: sampling.Rollouts        # on the devices
+  samples: list[functions.Sample]    # this host's captions, as the judge sees them
+  pending: concurrent.futures.Future | None  # the judge's work on them (None: not submitted)
+
+
+def _check_same_examples(sampled: _Sampled, examples: dict[str, Any], step: int,
+                         group: int) -> None:
+  """The batch sampled ahead must be the one the loop hands the next step."""
+  sampled_ids = [sample.id.rsplit("/", 1)[0] for sample in sampled.samples[::group]]
+  if sampled_ids != [str(i) for i in examples["id"]]:
+    raise RuntimeError(
+        f"step {step}: the rollouts sampled ahead are for examples {sampled_ids[:3]}..., but "
+        f"the loop handed examples {list(examples['id'])[:3]}...: with "
+        "config.rl.async_rewards the data iterator must be the RLStep's Lookahead")
+
+
+def _inflight_placer(mesh):
+  """Rollouts laid out as a checkpoint restores `state["inflight"]` (rows over the batch
+  axes), so sampled and restored rollouts feed the same compiled programs."""
+  if mesh is None:
+    device = jax.devices()[0]
+    return lambda rollouts: jax.device_put(rollouts, device)
+  return jax.jit(lambda rollouts: rollouts, out_shardings=parallel.batch_sharding(mesh))
+
+
+def _rollout_fields(rollouts: sampling.Rollouts) -> dict[str, jax.Array]:
+  return {"tokens": rollouts.tokens, "logprobs": rollouts.logprobs,
+          "lengths": rollouts.lengths, "finished": rollouts.finished}
+
+
+def _inflight_step(state: dict[str, Any]) -> int:
+  """The step the checkpointed in-flight rollouts are for (0: none)."""
+  inflight = state.get("inflight")
+  if inflight is None:
+    return 0
+  return int(np.asarray(inflight["step"].addressable_data(0)))
+
+
+@jax.jit
+def _next_step(updates_done):
+  return updates_done + 1
+
+
 @jax.jit
 def _longest(lengths):
   return jnp.max(lengths)
@@ -229,11 +374,18 @@ def _device_rollout_metrics(sampler, lengths, finished, trainer, mask):
           "_tokens": count.astype(jnp.float32)}
 
 
-def _rollout_metrics(rollouts, continuations, old_logprobs) -> dict[str, float]:
-  """Over the GLOBAL batch, on the devices (only scalars come back)."""
+def _rollout_metrics(rollouts, continuations, trainer_logprobs=None) -> dict[str, float]:
+  """Over the GLOBAL batch, on the devices (only scalars come back). Without the trainer's
+  logprobs (async: the old ones are the sampler's), no sampler-vs-trainer mismatch."""
+  trainer = trainer_logprobs
+  if trainer is None:
+    trainer = _first_columns(rollouts.logprobs, continuations.tokens.shape[1])
   values = _device_rollout_metrics(rollouts.logprobs, rollouts.lengths, rollouts.finished,
-                                   old_logprobs, continuations.mask)
-  return {k: float(v) for k, v in jax.device_get(values).items()}
+                                   trainer, continuations.mask)
+  values = {k: float(v) for k, v in jax.device_get(values).items()}
+  if trainer_logprobs is None:
+    values = {k: v for k, v in values.items() if not k.startswith("mismatch/")}
+  return values
 
 
 def _caption_metrics(samples, rewards) -> dict[str, float]:
@@ -257,18 +409,23 @@ def run(config, workdir: str, policy, reward: functions.JudgeReward) -> loop.Loo
   iterator = pipeline.train_iterator(
       source, batch_size=parallel.host_batch_size(rl.batch_size), seed=config.seed + 1,
       read_threads=config.data.read_threads, prefetch_batches=config.data.prefetch_batches)
+  if rl.async_rewards:  # the step samples the next batch's rollouts before the loop asks
+    iterator = pipeline.Lookahead(iterator)
   eval_source = (datasets.open_split(builder, config.data.eval_split) if rl.eval_every
                  else None)
   ref_params = None
   if losses.from_config(rl.loss).kl_coef > 0:
     # A copy: the training state's params are donated to (and overwritten by) each update.
     ref_params = jax.tree.map(jnp.copy, policy.params)
-  step = RLStep(config, workdir, policy, reward, ref_params, eval_source)
+  step = RLStep(config, workdir, policy, reward, ref_params, eval_source,
+                lookahead=iterator if rl.async_rewards else None)
   os.makedirs(workdir, exist_ok=True)
   loop_config = config.copy_and_resolve_references()
   loop_config.num_steps = rl.num_steps
-  result = loop.run(workdir=workdir, config=loop_config,
-                    state=train_state.initial_state(policy, step.optimizer, config.seed),
+  state = train_state.initial_state(policy, step.optimizer, config.seed)
+  if rl.async_rewards:
+    state["inflight"] = step.empty_inflight()
+  result = loop.run(workdir=workdir, config=loop_config, state=state,
                     data_iterator=iterator, step_fn=step, description="rl")
   policy.params = result.state["params"]  # the donated buffers are gone: hand over the new
   return result

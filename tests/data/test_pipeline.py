@@ -72,6 +72,30 @@ def test_resumed_iterator_neither_repeats_nor_skips(consumed):
   assert take(resumed, 12 - consumed) == reference[consumed:]
 
 
+def test_lookahead_peeks_without_consuming_and_checkpoints_from_before_the_peek(tmp_path):
+  from balcap import checkpoint  # orbax: only this test needs it
+  import jax.numpy as jnp
+  reference = take(pipeline.train_iterator(FakeSource(12), batch_size=3, seed=2), 8)
+  iterator = pipeline.Lookahead(pipeline.train_iterator(FakeSource(12), batch_size=3, seed=2))
+  assert take(iterator, 2) == reference[:2]
+  assert ids_of(iterator.peek()) == ids_of(iterator.peek()) == reference[2]
+  # Saved after a peek, the state is the one before it: a restart reads the peeked batch again.
+  with checkpoint.Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(2, {"x": jnp.zeros(1)}, data_iterator=iterator)
+    assert take(iterator, 3) == reference[2:5]  # the peeked batch, then on
+    assert ids_of(iterator.peek()) == reference[5]
+    restored = pipeline.Lookahead(
+        pipeline.train_iterator(FakeSource(12), batch_size=3, seed=2))
+    ckpt.restore({"x": jnp.zeros(1)}, data_iterator=restored)
+  assert take(restored, 6) == reference[2:8]
+  # Without a peek outstanding it is the plain iterator's state.
+  assert take(iterator, 1) == [reference[5]]
+  state = iterator.get_state()
+  assert take(iterator, 1) == [reference[6]]
+  iterator.set_state(state)
+  assert take(iterator, 2) == reference[6:8]
+
+
 def test_eval_batches_cover_each_example_once_with_equal_batch_counts():
   hosts = [list(pipeline.eval_batches(FakeSource(11), batch_size=2, shard_index=h, shard_count=3))
            for h in range(3)]

@@ -1,4 +1,5 @@
-"""Whole RL runs of the learner in subprocesses: SIGKILL and resume, and 2 hosts vs 1.
+"""Whole RL runs of the learner in subprocesses: SIGKILL and resume, 2 hosts vs 1, and the
+same with the judge overlapped (config.rl.async_rewards, rollouts in flight across a restart).
 
 Each run is `tests/learner_program.py` (random tiny policy, CapWorld judge, 2 prompts x G=4,
 checkpoints every 2 steps) and prints a digest of its final params' bytes: equal digests mean
@@ -6,6 +7,7 @@ bitwise-equal params.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,10 +35,13 @@ def _env(devices: int, **extra):
               PYTHONPATH=f"{REPO}:{REPO / 'tests'}", **extra)
 
 
-def _start(workdir, tfds_dir, steps, *, devices=2, distributed=False, **env):
+def _start(workdir, tfds_dir, steps, *, devices=2, distributed=False, async_rewards=False,
+           **env):
   args = [sys.executable, PROGRAM, str(workdir), tfds_dir, str(steps)]
   if distributed:
     args.append("distributed")
+  if async_rewards:
+    args.append("async")
   return subprocess.Popen(args, env=_env(devices, **env), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
@@ -57,9 +62,27 @@ def _logged_steps(workdir):
   return [r["step"] for r in metrics.read_jsonl(path)] if os.path.exists(path) else []
 
 
-def test_a_run_killed_mid_step_resumes_to_bitwise_equal_params(tmp_path, tfds_dir):
-  uninterrupted = _start(tmp_path / "whole", tfds_dir, 6)  # alongside: compiles overlap
-  killed = _start(tmp_path / "killed", tfds_dir, 6)
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start_hosts(workdir, tfds_dir, steps, **kwargs):
+  port = _free_port()
+  return [_start(workdir, tfds_dir, steps, devices=1, distributed=True,
+                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                 JAX_PROCESS_ID=str(i), **kwargs) for i in range(2)]
+
+
+@pytest.mark.parametrize("async_rewards", [False, True], ids=["sync", "async_rewards"])
+def test_a_run_killed_mid_step_resumes_to_bitwise_equal_params(tmp_path, tfds_dir,
+                                                               async_rewards):
+  # Async: every checkpoint holds the next step's rollouts, sampled before the update the
+  # checkpoint follows; the resumed run re-makes their prompts and judges them again.
+  uninterrupted = _start(tmp_path / "whole", tfds_dir, 6,  # alongside: compiles overlap
+                         async_rewards=async_rewards)
+  killed = _start(tmp_path / "killed", tfds_dir, 6, async_rewards=async_rewards)
   deadline = time.time() + 300
   while 5 not in _logged_steps(tmp_path / "killed"):  # step 5 done, step 6 under way
     assert killed.poll() is None and time.time() < deadline, killed.communicate()[0]
@@ -68,7 +91,7 @@ def test_a_run_killed_mid_step_resumes_to_bitwise_equal_params(tmp_path, tfds_di
   killed.communicate(timeout=60)
   whole = _finish(uninterrupted)
   assert whole[0] == ["None", "6"]
-  resumed = _finish(_start(tmp_path / "killed", tfds_dir, 6))
+  resumed = _finish(_start(tmp_path / "killed", tfds_dir, 6, async_rewards=async_rewards))
   # From the last COMPLETE checkpoint (saves are asynchronous: step 4's may still have been
   # in flight when the kill came, never half-used), then on to the end.
   assert resumed[0] in (["2", "6"], ["4", "6"])
@@ -77,13 +100,22 @@ def test_a_run_killed_mid_step_resumes_to_bitwise_equal_params(tmp_path, tfds_di
 
 def test_one_step_on_two_hosts_equals_one_host(tmp_path, tfds_dir):
   one_host = _finish(_start(tmp_path / "one", tfds_dir, "one_step", devices=2))
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  hosts = [_start(tmp_path / "two", tfds_dir, "one_step", devices=1, distributed=True,
-                  JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                  JAX_PROCESS_ID=str(i)) for i in range(2)]
-  results = [_finish(host) for host in hosts]
+  results = [_finish(host) for host in _start_hosts(tmp_path / "two", tfds_dir, "one_step")]
   assert results[0] == results[1]  # one replicated state
   assert results[0][0][1] == "1" and float(results[0][0][0]) > 0  # a step with signal
   assert results[0] == one_host  # same advantages (global statistics), same params
+
+
+def test_async_rewards_on_two_hosts_complete_and_resume_exactly(tmp_path, tfds_dir):
+  whole = [_finish(host) for host in
+           _start_hosts(tmp_path / "whole", tfds_dir, 4, async_rewards=True)]
+  assert [result for result, _ in whole] == [["None", "4"]] * 2
+  assert whole[0] == whole[1]  # one replicated state
+  # The same run restarted from its step-2 checkpoint, which holds step 3's rollouts (sampled
+  # ahead, before step 2's update, on both hosts): it ends where the uninterrupted run did.
+  shutil.copytree(tmp_path / "whole", tmp_path / "restarted")
+  shutil.rmtree(tmp_path / "restarted" / "checkpoints" / "4")
+  restarted = [_finish(host) for host in
+               _start_hosts(tmp_path / "restarted", tfds_dir, 4, async_rewards=True)]
+  assert [result for result, _ in restarted] == [["2", "4"]] * 2
+  assert restarted[0][1] == whole[0][1]
