@@ -97,6 +97,12 @@ class Checkpointer:
     log.info("restored checkpoint %d from %s", step, self.directory)
     return _data_to_keys(restored[STATE], abstract_state)
 
+  def saved_keys(self, step: int | None = None) -> list[str]:
+    """The top-level keys of the state saved at `step` (default the latest), from its
+    metadata alone."""
+    step = self.latest_step() if step is None else step
+    return sorted(self._manager.item_metadata(step)[STATE].keys())
+
   def restore_config(self, step: int | None = None) -> dict:
     """The config (as a dict) saved with checkpoint `step`, default the latest."""
     step = self.latest_step() if step is None else step

@@ -49,6 +49,19 @@ def abstract_like(state: Any) -> Any:
       state)
 
 
+def _check_same_keys(checkpointer: checkpoint.Checkpointer, step: int, state: Any) -> None:
+  """A checkpoint restores only into a state of its own parts (orbax's own error lists every
+  leaf); say which parts differ and what usually causes it."""
+  saved, wanted = set(checkpointer.saved_keys(step)), set(state)
+  if saved != wanted:
+    raise ValueError(
+        f"checkpoint {step} in {checkpointer.directory} holds the state parts {sorted(saved)}, "
+        f"this run's state has {sorted(wanted)} (only in the checkpoint: "
+        f"{sorted(saved - wanted)}; only in this run: {sorted(wanted - saved)}). The run was "
+        "written with different settings (e.g. config.rl.async_rewards adds 'inflight'): "
+        "resume with the settings it was written with, or start in a new workdir")
+
+
 class PreemptionGuard:
   """Turns SIGTERM into 'save and stop at the end of this step', agreed by every host.
 
@@ -89,6 +102,7 @@ def run(*, workdir: str, config, state: Any, data_iterator: Any, step_fn: StepFn
                                          async_save=config.checkpoint.async_save)
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
+    _check_same_keys(checkpointer, resumed_from, state)
     state = checkpointer.restore(abstract_like(state), data_iterator=data_iterator)
     log.info("%s: resumed from checkpoint %d", description, resumed_from)
   step = resumed_from or 0

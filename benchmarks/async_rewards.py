@@ -1,7 +1,7 @@
 """The judge overlapped with sampling (`config.rl.async_rewards`) against the judge in series,
 side by side in one run, with a judge as slow as the step's own device work.
 
-    python benchmarks/async_rewards.py [--steps 6] [--latency auto|SECONDS] [--config tiny]
+    python benchmarks/async_rewards.py [--steps 6] [--latency auto|SECONDS] [--new-tokens N]
 
 The step is the CPU demo's (configs/tiny.py: 8 prompts x G 8, 224 px CapWorld images, up to 96
 new tokens, the ~1M-parameter policy at random init, so every rollout runs to the limit: the
@@ -34,7 +34,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
-from balcap import configs, models, parallel, train_state  # pylint: disable=wrong-import-position
+from balcap import models, parallel, train_state  # pylint: disable=wrong-import-position
 from balcap.data import datasets, pipeline  # pylint: disable=wrong-import-position
 from balcap.rl import learner  # pylint: disable=wrong-import-position
 from balcap.rl.rewards import factory, functions  # pylint: disable=wrong-import-position
@@ -53,8 +53,10 @@ class SleepingJudge:
     return self.inner.judge(samples)
 
 
-def demo_config(name: str, data_dir: str, async_rewards: bool):
-  config = load_config_file(name)
+def demo_config(data_dir: str, async_rewards: bool, new_tokens: int | None = None):
+  config = load_config_file("tiny")
+  if new_tokens:
+    config.sampling.max_new_tokens = new_tokens
   config.data.data_dir = data_dir
   config.data.capworld.num_train = 64  # the step reads 8 a time; generating 4,000 is minutes
   config.data.capworld.num_validation = config.data.capworld.num_test = 8
@@ -104,17 +106,18 @@ def main(argv=None) -> dict[str, float]:
   parser.add_argument("--steps", type=int, default=6, help="timed steps per mode")
   parser.add_argument("--latency", default="auto",
                       help="the judge's seconds per batch; auto = the step's device time")
-  parser.add_argument("--config", default="tiny", help="configs/<name>.py (a CapWorld one)")
+  parser.add_argument("--new-tokens", type=int, default=0,
+                      help="sampling.max_new_tokens (default: the demo's 96)")
   args = parser.parse_args(argv)
 
   data_dir = tempfile.mkdtemp(prefix="balcap-bench-async-")
-  base = demo_config(args.config, data_dir, False)
+  base = demo_config(data_dir, False, args.new_tokens)
   mesh = parallel.make_mesh(base.mesh)
   policy = models.policy_from_config(base.model, jax.random.key(base.seed), mesh=mesh)
   capworld = factory.judge_from_config(base, data_dir, mesh=mesh)
   judge = SleepingJudge(capworld, 0.0)
 
-  runs = {mode: Run(demo_config(args.config, data_dir, mode == "on"), judge, policy)
+  runs = {mode: Run(demo_config(data_dir, mode == "on", args.new_tokens), judge, policy)
           for mode in ("off", "on")}
   for run in runs.values():
     run.steps(2)  # compiles: the first step, then the one-step-old (async) / scoring path
@@ -138,7 +141,9 @@ def main(argv=None) -> dict[str, float]:
   print(f"judge latency {device:.2f} s per batch: on / off = {ratio:.2f}")
   for run in runs.values():
     run.reward.close()
-  return {"latency": device, "ratio": ratio}
+  return {"latency": device, "ratio": ratio,
+          **{f"{mode}/{key}": median(timings, key) for mode, timings in results.items()
+             for key in ("wall", "reward_wait")}}
 
 
 if __name__ == "__main__":

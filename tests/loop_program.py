@@ -64,8 +64,9 @@ class Source:
     return {"id": f"ex{i}".encode(), "references": [("w " * (i % 7 + 1)).encode()]}
 
 
-def run(workdir, num_steps, step_delay=0.0):
-  """The data-pass step of `train` in the loop, data over every device (8 in tests)."""
+def run(workdir, num_steps, step_delay=0.0, extra_state=None):
+  """The data-pass step of `train` in the loop, data over every device (8 in tests);
+  `extra_state` adds parts to the state (to resume into a state unlike the saved one)."""
   config = configs.base_config()
   config.num_steps, config.batch_size = num_steps, 8
   config.checkpoint.every_steps = 3
@@ -81,7 +82,8 @@ def run(workdir, num_steps, step_delay=0.0):
 
   iterator = pipeline.train_iterator(Source(), batch_size=parallel.host_batch_size(8), seed=0,
                                      read_threads=1)
-  return loop.run(workdir=str(workdir), config=config, state=data_pass_state(mesh),
+  return loop.run(workdir=str(workdir), config=config,
+                  state={**data_pass_state(mesh), **(extra_state or {})},
                   data_iterator=iterator, step_fn=step_fn)
 
 

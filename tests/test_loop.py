@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
+import pytest
 
 from loop_program import digest, fold_digest, id_hashes, run
 from testlib import REPO
@@ -28,6 +29,12 @@ def test_a_stopped_run_resumes_to_the_same_state(tmp_path):
   assert resumed.resumed_from == 4 and resumed.step == 10
   assert digest(resumed) == digest(uninterrupted)
   assert digest(uninterrupted)[1] == 80  # 10 steps x 8 examples, across epochs of 37
+
+
+def test_resuming_into_a_state_of_other_parts_names_them(tmp_path):
+  run(tmp_path, 3)
+  with pytest.raises(ValueError, match=r"only in this run: \['inflight'\].*async_rewards"):
+    run(tmp_path, 6, extra_state={"inflight": jnp.zeros(2)})
 
 
 def _start(workdir, num_steps):
