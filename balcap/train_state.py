@@ -7,29 +7,29 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
+
+from balcap import optim
 
 
 def initial_state(policy, optimizer: optax.GradientTransformation, seed: int) -> dict[str, Any]:
   """params, optimizer state, step and rng: everything a checkpoint must hold."""
-  opt_state = jax.jit(optimizer.init)(policy.params)
   if policy.mesh is None:
+    opt_state = jax.jit(optimizer.init)(policy.params)
     # Committed to one device like the step's outputs, so the second step does not recompile.
     device = jax.devices()[0]
     return jax.device_put({"params": policy.params, "opt_state": opt_state,
                            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key(seed)},
                           device)
   replicated = NamedSharding(policy.mesh, PartitionSpec())
-  # Built by jit with an output sharding, not device_put: with several hosts the mesh has
-  # devices this process cannot address. Moments follow their params' shardings; leaves that
-  # depend on no param (Adam's step count) would land on one device, and a restored
-  # checkpoint must find every leaf on the mesh.
-  on_mesh = lambda make: jax.jit(make, out_shardings=replicated)()
-  opt_state = jax.tree.map(
-      lambda x: x if isinstance(x.sharding, NamedSharding) else on_mesh(
-          lambda v=np.asarray(x): jnp.asarray(v)), opt_state)
+  # Built by jit with output shardings, not device_put: with several hosts the mesh has
+  # devices this process cannot address. Moments are sharded like their params (left to XLA,
+  # zeros that depend on no param may be replicated: `optim.state_shardings`); the rest
+  # (Adam's step count) is replicated, so a restored checkpoint finds every leaf on the mesh.
+  on_mesh = lambda make: jax.jit(make, out_shardings=replicated)()  # noqa: E731
+  opt_state = jax.jit(optimizer.init, out_shardings=optim.state_shardings(
+      optimizer, policy.params, replicated))(policy.params)
   return {"params": policy.params, "opt_state": opt_state,
           "step": on_mesh(lambda: jnp.zeros((), jnp.int32)),
           "rng": on_mesh(lambda: jax.random.key(seed))}

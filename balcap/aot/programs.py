@@ -119,13 +119,10 @@ class Builder:
                                     top_k=c.sampling.top_k)
 
   def state(self, optimizer) -> dict[str, Any]:
+    # Placed as a run places them (train_state.initial_state): moments like their params.
     opt_shapes = jax.eval_shape(optimizer.init, self.params)
-    compiled = jax.jit(optimizer.init).lower(self.params).compile()
-    # Leaves that depend on no param (Adam's count) come out on one device; a run places them
-    # replicated on the mesh (train_state.initial_state).
-    shardings = jax.tree.map(lambda x: x if isinstance(x, NamedSharding) else self.replicated,
-                             compiled.output_shardings)
-    opt_state = _abstract(opt_shapes, shardings)
+    opt_state = _abstract(opt_shapes,
+                          optim.state_shardings(optimizer, self.params, self.replicated))
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
     return {"params": self.params, "opt_state": opt_state, "step": step, "rng": self.rng}
 
