@@ -143,7 +143,7 @@ def main(argv=None) -> dict[str, float]:
     run.reward.close()
   return {"latency": device, "ratio": ratio,
           **{f"{mode}/{key}": median(timings, key) for mode, timings in results.items()
-             for key in ("wall", "reward_wait")}}
+             for key in ("wall", "reward_wait", "sample_ahead")}}
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ def test_the_async_rewards_benchmark_runs_both_modes(capsys):
   spec.loader.exec_module(benchmark)
   result = benchmark.main(["--steps", "1", "--latency", "0.2", "--new-tokens", "4"])
   assert math.isfinite(result["ratio"]) and result["ratio"] > 0
-  # In series the step waits out the judge's sleep after sampling; overlapped it need not.
-  assert result["off/reward_wait"] >= 0.2
+  # Behaviour, not timing (the judge's sleep overlaps scoring even in series, so no wait
+  # bound holds on a loaded machine): only the async run samples the next step ahead.
+  assert result["off/sample_ahead"] == 0.0 and result["on/sample_ahead"] > 0.0
   assert "on / off" in capsys.readouterr().out
