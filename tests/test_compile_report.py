@@ -125,3 +125,29 @@ def test_update_costs_extrapolated_from_two_micro_batches_equal_the_whole_loop()
   one_micro_batch = flops(update.costs()[0][1])
   assert extrapolated == pytest.approx(flops(update.lower), rel=0.01)
   assert extrapolated > 1.5 * one_micro_batch
+
+
+def test_a_program_that_fits_but_whose_unrolled_copy_does_not_still_fits():
+  # On a v5e-64 the 3B update runs in 4 GiB, but its unrolled two-micro-batch copy (compiled
+  # for costs only) ran out of HBM: that must not make the program "not fit".
+  def too_big():
+    raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used "
+                       "15.76G of 15.75G hbm.")
+  x = jax.ShapeDtypeStruct((4, 4), jax.numpy.float32)
+  program = programs.Program("update", lambda: jax.jit(lambda a: a @ a).lower(x), 128.0, 64.0,
+                             cost_parts=[(1.0, too_big)])
+  target = hardware.make_target("", "h100")
+  result = report.analyze(program, target, 80e9)
+  assert result["fits"] is True and result["memory"]["total"] > 0
+  assert result["flops"] is None and "Used 15.76G" in result["costs_error"]
+  assert "roofline" not in result
+  table = report.table({"target": "t", "mesh": {}, "programs": {"update": result}})
+  assert "costs not measured" in table
+
+
+def test_libtpus_out_of_hbm_wording_reads_as_does_not_fit():
+  failed = report._failure(RuntimeError(  # pylint: disable=protected-access
+      "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory in memory space hbm. "
+      "Used 15.76G of 15.75G hbm. Exceeded hbm capacity by 16.29M."))
+  assert failed["fits"] is False and failed["required"] == pytest.approx(15.76 * 2 ** 30)
+  assert failed["available"] == pytest.approx(15.75 * 2 ** 30)

@@ -4,6 +4,7 @@ The model-dependent tests run once per family (Qwen2.5-VL, LLaVA-1.5) on tiny ra
 checkpoints that transformers wrote: one sampler serves both.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -273,3 +274,27 @@ def test_logprob_is_of_the_full_tempered_distribution():
   token, logprob = sampling.sample_tokens(logits, jax.random.key(0), greedy)
   assert int(token[0]) == 0
   np.testing.assert_allclose(logprob[0], jax.nn.log_softmax(logits)[0, 0], atol=1e-6)
+
+
+def test_weights_cast_once_sample_exactly_as_weights_cast_in_every_layer(checkpoint):
+  # float32 params computing in bfloat16 (the real configs): the sampler casts them once,
+  # before the prefill, so decode steps read half the bytes. Every layer casts its weights to
+  # the compute dtype on use, so the rollouts must be bit for bit those of uncast params.
+  folder, _, family = checkpoint
+  loaded = models.load_pretrained(folder, scan_layers=True)
+  policy = dataclasses.replace(loaded, config=loaded.config.with_runtime(dtype="bfloat16"))
+  inputs = prompts(family, seed=3)
+  spec = sampling.sampling_params(policy, max_new_tokens=6, num_samples=2, temperature=1.0,
+                                  eos_token_ids=(family.eos,))
+  assert spec.weights_dtype == "bfloat16"
+  cast_lm = sampling.cast_params(policy.params, spec.weights_dtype)["lm"]
+  assert {x.dtype for x in jax.tree.leaves(cast_lm)} == {jnp.dtype(jnp.bfloat16)}
+  prepared = sampling.prepare_prompts(policy, inputs)
+  start = policy.family.decode_start(policy.config, prepared).astype(np.int32)
+  placed = {k: prepared[k] for k in sampling.SAMPLER_INPUTS if prepared.get(k) is not None}
+  run = lambda s: sampling.generate_prepared(policy, policy.params, placed, start,  # noqa: E731
+                                             jax.random.key(4), s)
+  cast, uncast = run(spec), run(dataclasses.replace(spec, weights_dtype=""))
+  np.testing.assert_array_equal(np.asarray(cast.tokens), np.asarray(uncast.tokens))
+  np.testing.assert_array_equal(np.asarray(cast.logprobs), np.asarray(uncast.logprobs))
+  assert jax.tree.leaves(policy.params)[0].dtype == np.float32  # the caller's params uncast
