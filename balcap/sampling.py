@@ -49,8 +49,8 @@ class SamplingParams:
   cache_dtype: str = "float32"
   # The dtype the decoder's floating params are cast to once, before the prefill ("" = as
   # stored): its layers cast their weights to the compute dtype on use, so casting them once
-  # is the same arithmetic, and each decode step then gathers and reads half the bytes of
-  # float32 params instead of gathering and converting them again for every token.
+  # is the same arithmetic, and the decode steps no longer gather and convert float32 weights
+  # for every token (the 3B decode step on a v5e-64: 1.64 -> 0.99 GiB per chip).
   weights_dtype: str = ""
 
   def __post_init__(self):

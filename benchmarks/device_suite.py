@@ -41,7 +41,8 @@ sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks")]
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from balcap import models, optim, parallel, sampling, scoring, train_state  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from balcap import models, optim, parallel, sampling, scoring, train_state
 from balcap.aot import hardware, programs  # pylint: disable=wrong-import-position
 from balcap.rl import losses, update  # pylint: disable=wrong-import-position
 
@@ -201,8 +202,9 @@ def main(argv=None) -> dict[str, float]:
   step_bytes = builder.weight_bytes(vision=False) + (mean_cache + rows) * kv_bytes
   bound = rows * chip.hbm_bandwidth / step_bytes
   result = {"decode_tokens_per_s": tokens_per_s, "decode_bound_tokens_per_s": bound}
-  print(f"decode: {tokens_per_s:,.0f} rollout tokens/s ({timed['decode'] / args.new_tokens * 1e3:.2f}"
-        f" ms a step; prefill {timed['prefill'] * 1e3:.0f} ms); HBM bound {bound:,.0f} tokens/s "
+  step_ms = timed["decode"] / args.new_tokens * 1e3
+  print(f"decode: {tokens_per_s:,.0f} rollout tokens/s ({step_ms:.2f} ms a step; prefill "
+        f"{timed['prefill'] * 1e3:.0f} ms); HBM bound {bound:,.0f} tokens/s "
         f"({step_bytes / 1e9:.2f} GB a step): {tokens_per_s / bound:.0%} of it")
   reference = (None if args.skip_transformers else
                transformers_decode(policy, raw, args.group, args.new_tokens, args.repeats))

@@ -233,8 +233,9 @@ class Builder:
     # The sampler casts the decoder's weights once, before the prefill (`sampling.cast_params`):
     # its parts run on the cast params.
     cast = jax.eval_shape(lambda p: sampling.cast_params(p, spec.weights_dtype), self.params)
-    params = jax.tree.map(lambda c, p: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=p.sharding),
-                          cast, self.params)
+    params = jax.tree.map(
+        lambda c, p: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=p.sharding), cast,
+        self.params)
     out = []
 
     def prefill(params, inputs):
