@@ -43,6 +43,7 @@ class Program:
   cost_parts: list[tuple[float, Callable[[], Any]]] | None = None
 
   def costs(self) -> list[tuple[float, Callable[[], Any]]]:
+    """[] = no costs measured (memory only)."""
     return self.cost_parts if self.cost_parts is not None else [(1.0, self.lower)]
 
 
@@ -167,12 +168,13 @@ class Builder:
                     + (cache_read + rollouts * kv_bytes) / self.batch_shards / self.tensor)
     if "sample" in names:
       program = sampling._program(self.module, spec, self.mesh)  # pylint: disable=protected-access
-      # No ideal here: XLA's cost analysis counts the decode loop's body once, so this row
-      # holds the sampler's memory; its time is sample_prefill + steps x sample_decode_step.
+      # No costs here: XLA's cost analysis counts the decode loop's body once, so this row
+      # holds the sampler's memory (no cost-only copy is compiled: a third of the report's
+      # time went on it); its time is sample_prefill + steps x sample_decode_step.
       out.append(Program("sample", lambda: program.lower(self.params, inputs, start, self.rng),
                          0.0, 0.0,
                          note=f"{rows} prompts x G {group}, {steps} new tokens, prompt "
-                              f"{prompt_length}"))
+                              f"{prompt_length}", cost_parts=[]))
     if "sample_prefill" in names or "sample_decode_step" in names:
       out += self._sampler_parts(names, inputs, spec, prefill_flops, decode_flops,
                                  decode_bytes, steps)

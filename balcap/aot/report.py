@@ -89,6 +89,9 @@ def analyze(program: programs.Program, target: hardware.Target,
     result["capacity"] = capacity
     result["headroom"] = capacity - memory["total"]
     result["fits"] = memory["total"] <= capacity
+  if not program.costs():  # memory only (the whole sampler: see its parts)
+    result["costs_error"] = "memory only: time = sample_prefill + steps x sample_decode_step"
+    return result
   try:
     flops, accessed = _costs(program, target)
   except Exception as e:  # pylint: disable=broad-except
@@ -191,8 +194,9 @@ def table(report: dict[str, Any]) -> str:
       continue
     if r.get("flops") is None:
       lines.append(f"{name:20s}{_gib(r['memory']['total'])} "
-                   f"{_gib(r['headroom']) if 'headroom' in r else '       -'}  costs not "
-                   f"measured: {r.get('costs_error', '')[:160]}")
+                   f"{_gib(r['headroom']) if 'headroom' in r else '       -'}  "
+                   + (r["costs_error"] if r.get("costs_error", "").startswith("memory only")
+                      else f"costs not measured: {r.get('costs_error', '')[:160]}"))
       continue
     roof = r.get("roofline")
     seconds = f"{roof['seconds'] * 1e3:.1f}ms" if roof else "-"
