@@ -169,8 +169,8 @@ class Builder:
     if "sample" in names:
       program = sampling._program(self.module, spec, self.mesh)  # pylint: disable=protected-access
       # No costs here: XLA's cost analysis counts the decode loop's body once, so this row
-      # holds the sampler's memory (no cost-only copy is compiled: a third of the report's
-      # time went on it); its time is sample_prefill + steps x sample_decode_step.
+      # holds the sampler's memory (no cost-only copy of the whole loop is compiled); its
+      # time is sample_prefill + steps x sample_decode_step.
       out.append(Program("sample", lambda: program.lower(self.params, inputs, start, self.rng),
                          0.0, 0.0,
                          note=f"{rows} prompts x G {group}, {steps} new tokens, prompt "
