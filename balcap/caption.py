@@ -77,7 +77,8 @@ def caption_rows(policy, images: list[Image.Image], config, rng: jax.Array) -> l
   rollouts = sampling.generate(
       policy, policy.params, batch, rng, max_new_tokens=config.sampling.max_new_tokens,
       temperature=config.sampling.temperature, top_p=config.sampling.top_p,
-      top_k=config.sampling.top_k, prompt_bucket=config.sampling.prompt_bucket)
+      top_k=config.sampling.top_k, prompt_bucket=config.sampling.prompt_bucket,
+      gather_weights=config.sampling.gather_weights)
   return [{"caption": caption, "num_tokens": count}
           for caption, count in captioning.decode_with_lengths(policy, rollouts)]
 

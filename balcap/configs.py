@@ -81,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.top_k = 0          # 0 = off
   # Prompt lengths are padded to a multiple of this: fewer distinct programs to compile.
   c.sampling.prompt_bucket = 64
+  # The decoder's weights gathered over data/fsdp once per sampler call (kept split over
+  # tensor), so a decode step reads them locally instead of all-gathering every weight per
+  # token; costs the decoder's bf16 params / mesh.tensor per device while sampling. False
+  # keeps the training layout (less memory, one all-gather of every weight per token).
+  c.sampling.gather_weights = True
 
   # Supervised warm start (mode sft, and the first stage of mode train when num_steps > 0).
   c.sft = ml_collections.ConfigDict()

@@ -111,6 +111,16 @@ def logical_sharding(mesh: Mesh, logical_axes: tuple[str | None, ...],
   return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
 
 
+def rules_without(axes: Sequence[str], rules=LOGICAL_AXIS_RULES) -> tuple:
+  """`rules` with the mesh `axes` taken out: what they place is replicated over those axes."""
+  def keep(target):
+    if target is None or isinstance(target, str):
+      return None if target in axes else target
+    kept = tuple(a for a in target if a not in axes)
+    return kept or None
+  return tuple((name, keep(target)) for name, target in rules)
+
+
 def param_shardings(boxed_params: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
   """NamedShardings for a params pytree whose leaves carry logical annotations.
 

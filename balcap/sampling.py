@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from balcap import parallel
-from balcap.models import decoding
+from balcap.models import decoding, qwen2_lm
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,12 @@ class SamplingParams:
   # is the same arithmetic, and the decode steps no longer gather and convert float32 weights
   # for every token (the 3B decode step on a v5e-64: 1.64 -> 0.99 GiB per chip).
   weights_dtype: str = ""
+  # The decoder's weights gathered over the batch axes (data, fsdp) once per sampler call,
+  # still split over `tensor`: a decode step then reads them from its own memory instead of
+  # all-gathering every weight for every generated token. Costs the decoder's params x
+  # weights_dtype bytes / mesh.tensor per device while sampling (`mode=compile` shows whether
+  # that fits; a larger mesh.tensor divides it). False keeps the training layout.
+  gather_weights: bool = True
 
   def __post_init__(self):
     problems = []
@@ -163,8 +169,12 @@ def _program(module: nn.Module, params_spec: SamplingParams, mesh):
   eos = jnp.asarray(params_spec.eos_token_ids or (-1,), jnp.int32)
   cache_dtype = jnp.dtype(params_spec.cache_dtype)
 
+  module = decode_module(module)
+  shardings = (decoder_shardings(module, mesh)
+               if mesh is not None and params_spec.gather_weights else None)
+
   def run(params, inputs, start_positions, rng):
-    variables = {"params": cast_params(params, params_spec.weights_dtype)}
+    variables = {"params": decode_params(params, params_spec.weights_dtype, shardings)}
     logits, prefix_kv = module.apply(variables, **inputs, method=module.prefill)
     cache = decoding.init_cache(prefix_kv, group, steps, cache_dtype)
     cache = _constrain_cache(cache)
@@ -206,18 +216,66 @@ def _program(module: nn.Module, params_spec: SamplingParams, mesh):
 # all a decode step reads. Only it is cast: CLIP's LayerNorms use their float32 scales as
 # float32, so casting the vision tower would change LLaVA's image features.
 DECODER_PARAMS = "lm"
+SCANNED_LAYERS = "layers"  # the decoder's stacked layers (`QwenLM` with scan_layers)
 
 
-def cast_params(params: Any, dtype: str) -> Any:
-  """The decoder's floating params wider than `dtype` cast to it ("" = unchanged); shardings
-  follow (an elementwise cast of each shard)."""
-  if not dtype or DECODER_PARAMS not in params:
+def decode_module(module: nn.Module) -> nn.Module:
+  """The module the sampler runs: `module` with its decoder's layers unrolled.
+
+  With scanned layers every decode step would slice each layer's cache out of the stacked one
+  and write the updated layer back as the scan's output: the whole cache moved twice per
+  generated token besides the attention's read of it (the 3B decode step on a v5e-64: 4.2x
+  the ideal bytes). Unrolled, each layer's cache is its own loop-carried buffer, written in
+  place at the new token and read once by the attention.
+  """
+  config = module.config
+  if not config.text.scan_layers:
+    return module
+  return module.clone(config=config.with_runtime(scan_layers=False))
+
+
+def decode_params(params: Any, dtype: str, shardings: Any = None) -> Any:
+  """The params as `decode_module` reads them: the decoder's stacked layers split into one
+  tree per layer, its floating params wider than `dtype` cast to it ("" = as stored), and
+  placed by `shardings` (`decoder_shardings`; None: as they are).
+
+  All three happen once per sampler call, before the prefill, in one copy of the decoder's
+  weights. Layers cast their weights to the compute dtype on use anyway, so the arithmetic is
+  unchanged and the decode steps read half the bytes of float32 weights.
+  """
+  if DECODER_PARAMS not in params:
     return params
-  target = jnp.dtype(dtype)
-  def cast(x):
-    wider = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > target.itemsize
-    return x.astype(target) if wider else x
-  return {**params, DECODER_PARAMS: jax.tree.map(cast, params[DECODER_PARAMS])}
+  lm = dict(params[DECODER_PARAMS])
+  if dtype:
+    target = jnp.dtype(dtype)
+
+    def cast(x):
+      wider = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > target.itemsize
+      return x.astype(target) if wider else x
+    lm = jax.tree.map(cast, lm)
+  if SCANNED_LAYERS in lm:
+    stacked = lm.pop(SCANNED_LAYERS)
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(count):
+      lm[f"{SCANNED_LAYERS}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  if shardings is not None:
+    lm = jax.lax.with_sharding_constraint(lm, shardings)
+  return {**params, DECODER_PARAMS: lm}
+
+
+def decoder_shardings(module: nn.Module, mesh, gathered: bool = True) -> Any:
+  """Shardings of the params of `module`'s decoder (`decode_module` layout): gathered over
+  the batch axes, split over `tensor` only (`gathered=False`: the training layout)."""
+  text = module.config.text
+  decoder = qwen2_lm.QwenLM(text)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  every_param = lambda lm: lm(lm.embed(tokens), jnp.zeros((3, 1, 1), jnp.int32),  # noqa: E731
+                              jnp.ones((1, 1), jnp.int32))
+  boxed = jax.eval_shape(
+      lambda: decoder.init(jax.random.key(0), method=every_param))["params"]
+  rules = (parallel.rules_without(parallel.BATCH_AXES) if gathered
+           else parallel.LOGICAL_AXIS_RULES)
+  return parallel.param_shardings(boxed, mesh, rules)
 
 
 def _constrain_cache(cache):
@@ -283,7 +341,8 @@ def sampling_params(policy, *, max_new_tokens: int, num_samples: int = 1,
                     eos_token_ids: tuple[int, ...] | None = None,
                     forbidden_token_ids: tuple[int, ...] | None = None,
                     pad_token_id: int | None = None,
-                    cache_dtype: str | None = None) -> SamplingParams:
+                    cache_dtype: str | None = None, gather_weights: bool = True
+                    ) -> SamplingParams:
   """SamplingParams with the policy's defaults: end ids from its config and processor,
   forbidden ids = its image/video/vision special tokens and the embedding rows past the
   tokenizer's vocabulary, the cache in its compute dtype."""
@@ -304,7 +363,7 @@ def sampling_params(policy, *, max_new_tokens: int, num_samples: int = 1,
   return SamplingParams(max_new_tokens, num_samples, float(temperature), float(top_p),
                         int(top_k), tuple(eos_token_ids), tuple(forbidden_token_ids),
                         int(pad_token_id), cache_dtype or family.compute_dtype(config),
-                        family.compute_dtype(config))
+                        family.compute_dtype(config), gather_weights)
 
 
 SAMPLER_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout",
@@ -315,7 +374,8 @@ def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
              max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_token_ids: tuple[int, ...] | None = None,
              forbidden_token_ids: tuple[int, ...] | None = None, pad_token_id: int | None = None,
-             cache_dtype: str | None = None, prompt_bucket: int = PROMPT_BUCKET) -> Rollouts:
+             cache_dtype: str | None = None, prompt_bucket: int = PROMPT_BUCKET,
+             gather_weights: bool = True) -> Rollouts:
   """num_samples rollouts of every prompt of a processor batch (see the module docstring).
 
   Defaults come from the policy (see `sampling_params`). The same seed, inputs and mesh give
@@ -324,7 +384,8 @@ def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
   spec = sampling_params(policy, max_new_tokens=max_new_tokens, num_samples=num_samples,
                          temperature=temperature, top_p=top_p, top_k=top_k,
                          eos_token_ids=eos_token_ids, forbidden_token_ids=forbidden_token_ids,
-                         pad_token_id=pad_token_id, cache_dtype=cache_dtype)
+                         pad_token_id=pad_token_id, cache_dtype=cache_dtype,
+                         gather_weights=gather_weights)
   prepared = prepare_prompts(policy, batch, prompt_bucket)
   start = policy.family.decode_start(policy.config, prepared).astype(np.int32)
   inputs = parallel.global_inputs({k: prepared[k] for k in SAMPLER_INPUTS

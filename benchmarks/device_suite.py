@@ -85,8 +85,8 @@ def decode(builder, policy, raw, prepared, repeats: int) -> dict[str, float]:
     jax.block_until_ready(rollouts.tokens)
     assert int(np.min(np.asarray(rollouts.lengths))) == spec.max_new_tokens
 
-  module = policy.module
-  cast = sampling.cast_params(policy.params, spec.weights_dtype)
+  module = sampling.decode_module(policy.module)
+  cast = sampling.decode_params(policy.params, spec.weights_dtype)
   prefill = jax.jit(lambda p, x: module.apply({"params": p}, **x, method=module.prefill))
   whole = best_of(sample, repeats)
   first = best_of(lambda: jax.block_until_ready(prefill(cast, inputs)), repeats)

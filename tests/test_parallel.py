@@ -166,3 +166,10 @@ def test_two_processes_assemble_one_global_batch():
   expected = [3.0] * 4 + [6.0] * 4
   assert results == [f"RESULT 0 2 4 (8, 3) {expected} {[3.0] * 4}",
                      f"RESULT 1 2 4 (8, 3) {expected} {[6.0] * 4}"]
+
+
+def test_rules_without_axes_replicate_over_them():
+  rules = parallel.rules_without(parallel.BATCH_AXES)
+  assert parallel.logical_to_spec(("embed", "mlp"), rules) == P(None, "tensor")
+  assert parallel.logical_to_spec(("batch", "heads"), rules) == P(None, "tensor")
+  assert parallel.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")

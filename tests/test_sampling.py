@@ -201,17 +201,26 @@ def test_prompt_lengths_share_one_program(checkpoint):
   assert sampling.compiled_programs() - before == 1
 
 
-def test_sharded_sampling_equals_one_device(checkpoint):
+@pytest.mark.parametrize("gather_weights", [True, False], ids=["gathered", "fsdp"])
+def test_sharded_sampling_equals_one_device(checkpoint, gather_weights):
+  # Scanned layers on the mesh: the sampler splits them, and (gathered) places the decoder's
+  # weights over tensor only; neither may change a token.
   folder, _, family = checkpoint
   mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  sharded = models.load_pretrained(folder, mesh=mesh, scan_layers=False)
+  sharded = models.load_pretrained(folder, mesh=mesh, scan_layers=True)
   single = models.load_pretrained(folder, scan_layers=False)
+  placed = sampling.decoder_shardings(sampling.decode_module(sharded.module), mesh,
+                                      gather_weights)
+  used = {axis for s in jax.tree.leaves(placed) for entry in s.spec if entry is not None
+          for axis in ((entry,) if isinstance(entry, str) else entry)}
+  assert used == ({"tensor"} if gather_weights else {"fsdp", "tensor"})
   rng = np.random.default_rng(6)
   inputs = family.fixtures.batch(rng, [([1, 2, 3], family.image(2)),
                                        ([4, 5, 6, 7], family.image(1)),
                                        ([8, 9], family.image(0)), ([10, 11, 12, 13, 14], None)])
   args = dict(max_new_tokens=10, num_samples=2, temperature=0.8, eos_token_ids=(family.eos,))
-  a = sampling.generate(sharded, sharded.params, inputs, jax.random.key(9), **args)
+  a = sampling.generate(sharded, sharded.params, inputs, jax.random.key(9),
+                        gather_weights=gather_weights, **args)
   b = sampling.generate(single, single.params, inputs, jax.random.key(9), **args)
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
@@ -287,7 +296,7 @@ def test_weights_cast_once_sample_exactly_as_weights_cast_in_every_layer(checkpo
   spec = sampling.sampling_params(policy, max_new_tokens=6, num_samples=2, temperature=1.0,
                                   eos_token_ids=(family.eos,))
   assert spec.weights_dtype == "bfloat16"
-  cast_lm = sampling.cast_params(policy.params, spec.weights_dtype)["lm"]
+  cast_lm = sampling.decode_params(policy.params, spec.weights_dtype)["lm"]
   assert {x.dtype for x in jax.tree.leaves(cast_lm)} == {jnp.dtype(jnp.bfloat16)}
   prepared = sampling.prepare_prompts(policy, inputs)
   start = policy.family.decode_start(policy.config, prepared).astype(np.int32)

@@ -117,7 +117,8 @@ class Builder:
     return sampling.sampling_params(self.policy, max_new_tokens=c.sampling.max_new_tokens,
                                     num_samples=c.rl.group_size,
                                     temperature=c.sampling.temperature, top_p=c.sampling.top_p,
-                                    top_k=c.sampling.top_k)
+                                    top_k=c.sampling.top_k,
+                                    gather_weights=c.sampling.gather_weights)
 
   def state(self, optimizer) -> dict[str, Any]:
     # Placed as a run places them (train_state.initial_state): moments like their params.
@@ -229,15 +230,24 @@ class Builder:
     tokens = jax.ShapeDtypeStruct((rows, steps), jnp.int32, sharding=row)
     return scoring.Continuations(batch_rows, images, tokens, tokens, prompt_length)
 
+  def decode_params(self, spec: sampling.SamplingParams) -> Any:
+    """The abstract params the sampler runs on (`sampling.decode_params`), placed as it
+    places them."""
+    module = sampling.decode_module(self.module)
+    shapes = jax.eval_shape(lambda p: sampling.decode_params(p, spec.weights_dtype),
+                            self.params)
+    decoder = sampling.decoder_shardings(module, self.mesh, spec.gather_weights)
+    struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    lm = sampling.DECODER_PARAMS
+    return {**{k: v for k, v in self.params.items() if k != lm},
+            lm: jax.tree.map(struct, shapes[lm], decoder)}
+
   def _sampler_parts(self, names, inputs, spec, prefill_flops, decode_flops, decode_bytes,
                      steps) -> list[Program]:
-    module = self.module
-    # The sampler casts the decoder's weights once, before the prefill (`sampling.cast_params`):
-    # its parts run on the cast params.
-    cast = jax.eval_shape(lambda p: sampling.cast_params(p, spec.weights_dtype), self.params)
-    params = jax.tree.map(
-        lambda c, p: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=p.sharding), cast,
-        self.params)
+    # The sampler's own module and params (`sampling.decode_module`, `decode_params`): the
+    # decoder's layers unrolled, its weights cast once before the prefill.
+    module = sampling.decode_module(self.module)
+    params = self.decode_params(spec)
     out = []
 
     def prefill(params, inputs):

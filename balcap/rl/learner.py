@@ -94,7 +94,8 @@ class RLStep:
     self.spec = sampling.sampling_params(
         policy, max_new_tokens=sampling_config.max_new_tokens, num_samples=self.group,
         temperature=sampling_config.temperature, top_p=sampling_config.top_p,
-        top_k=sampling_config.top_k)
+        top_k=sampling_config.top_k,
+        gather_weights=sampling_config.gather_weights)
     self.temperature = self.spec.temperature or 1.0
     self.update = update.make_update(
         policy.module, self.optimizer, self.loss_config, num_micro_batches=self.micro_batches,
