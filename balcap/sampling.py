@@ -281,10 +281,8 @@ def decoder_shardings(module: nn.Module, mesh, gathered: bool = True) -> Any:
 def _constrain_cache(cache):
   """Cache rows over the batch axes, key/value heads over `tensor` (no-op without a mesh)."""
   def constrain(x):
-    axes = ("batch", "kv_heads", "length", "head_dim")  # decoding's [rows, K, length, D]
-    if x.ndim == 5:  # stacked layers
-      axes = ("layers",) + axes
-    return nn.with_logical_constraint(x, axes)
+    # decoding's [rows, K, length, D], one per layer (`decode_module` unrolls them)
+    return nn.with_logical_constraint(x, ("batch", "kv_heads", "length", "head_dim"))
   return jax.tree.map(constrain, cache)
 
 

@@ -265,8 +265,7 @@ class Builder:
             prefix_kv)
       cache = jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.logical_sharding(
-              self.mesh, (("layers",) if x.ndim == 5 else ()) + (
-                  "batch", "kv_heads", "length", "head_dim"))), cache_shapes)
+              self.mesh, ("batch", "kv_heads", "length", "head_dim"))), cache_shapes)
       rollouts = inputs["input_ids"].shape[0] * group
       rows = parallel.input_sharding("tokens", self.mesh)
       token = jax.ShapeDtypeStruct((rollouts,), jnp.int32, sharding=rows)
