@@ -224,9 +224,9 @@ def decode_module(module: nn.Module) -> nn.Module:
 
   With scanned layers every decode step would slice each layer's cache out of the stacked one
   and write the updated layer back as the scan's output: the whole cache moved twice per
-  generated token besides the attention's read of it (the 3B decode step on a v5e-64: 4.2x
-  the ideal bytes). Unrolled, each layer's cache is its own loop-carried buffer, written in
-  place at the new token and read once by the attention.
+  generated token besides the attention's read of it. Unrolled, each layer's cache is its own
+  loop-carried buffer, written in place at the new token and read once by the attention (the
+  3B decode step on a v5e-64: 27.4 -> 21.7 GB; gathering the weights, 9.4 GB, 1.45x ideal).
   """
   config = module.config
   if not config.text.scan_layers:
