@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from balcap import parallel
-from balcap.models import decoding, qwen2_lm
+from balcap.models import decoding, policy as policy_lib
 
 log = logging.getLogger(__name__)
 
@@ -266,16 +266,11 @@ def decode_params(params: Any, dtype: str, shardings: Any = None) -> Any:
 def decoder_shardings(module: nn.Module, mesh, gathered: bool = True) -> Any:
   """Shardings of the params of `module`'s decoder (`decode_module` layout): gathered over
   the batch axes, split over `tensor` only (`gathered=False`: the training layout)."""
-  text = module.config.text
-  decoder = qwen2_lm.QwenLM(text)
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  every_param = lambda lm: lm(lm.embed(tokens), jnp.zeros((3, 1, 1), jnp.int32),  # noqa: E731
-                              jnp.ones((1, 1), jnp.int32))
-  boxed = jax.eval_shape(
-      lambda: decoder.init(jax.random.key(0), method=every_param))["params"]
+  family = policy_lib.family_of(module.config.MODEL_TYPE)
+  boxed, _ = policy_lib.boxed_abstract_params(family, module.config)
   rules = (parallel.rules_without(parallel.BATCH_AXES) if gathered
            else parallel.LOGICAL_AXIS_RULES)
-  return parallel.param_shardings(boxed, mesh, rules)
+  return parallel.param_shardings(boxed[DECODER_PARAMS], mesh, rules)
 
 
 def _constrain_cache(cache):

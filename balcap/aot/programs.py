@@ -80,8 +80,7 @@ class Builder:
     self.module = self.family.module(self.model_config)
     # A policy without params: enough for the host-side preparation of batches.
     self.policy = models.Policy(self.family, self.model_config, None, None, mesh)
-    boxed, _ = policy_lib._boxed_abstract_params(  # pylint: disable=protected-access
-        self.family, self.model_config)
+    boxed, _ = policy_lib.boxed_abstract_params(self.family, self.model_config)
     self.params = _abstract(nn.unbox(boxed), parallel.param_shardings(boxed, mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     self.replicated = replicated

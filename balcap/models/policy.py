@@ -204,7 +204,9 @@ def _forward(module: nn.Module, mesh: Mesh | None):
   return parallel.OnMesh(forward, mesh)
 
 
-def _boxed_abstract_params(family: Family, config: Any) -> Any:
+def boxed_abstract_params(family: Family, config: Any) -> tuple[Any, dict[str, Any]]:
+  """(params of `family`'s model of `config` as ShapeDtypeStructs boxed with their logical
+  axes, the example inputs that built them): no memory allocated."""
   module = family.module(config)
   example = family.prepare_inputs(config, family.example_batch(config))
   inputs = {k: example[k] for k in MODEL_INPUTS if example.get(k) is not None}
@@ -236,7 +238,7 @@ def load_pretrained(folder: str, *, dtype: str | None = None, mesh: Mesh | None 
   """
   family, config = checkpoint_config(folder)
   config = config.with_runtime(dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
-  boxed, _ = _boxed_abstract_params(family, config)
+  boxed, _ = boxed_abstract_params(family, config)
   params = hf_io.load_params(folder, family.rules(config), nn.unbox(boxed),
                              _shardings(boxed, mesh))
   processor = family.processor_from_pretrained(folder) if _has_tokenizer(folder) else None
@@ -250,7 +252,7 @@ def init_random(config: Any, rng: jax.Array, *, mesh: Mesh | None = None,
   if family is None:
     raise TypeError(f"{type(config).__name__} is not the config of a registered model family")
   module = family.module(config)
-  boxed, inputs = _boxed_abstract_params(family, config)
+  boxed, inputs = boxed_abstract_params(family, config)
   init = lambda key: module.init(key, **inputs)["params"]
   if mesh is None:
     params = jax.jit(lambda key: nn.unbox(init(key)))(rng)

@@ -166,7 +166,7 @@ def test_llava7b_config_is_the_published_architecture(tmp_path):
   assert ours.vision.num_features == 576
   # 7.06B parameters: Vicuna-7B 6.74B, CLIP ViT-L 0.30B, projector 0.02B (shapes only).
   from balcap.models import policy  # pylint: disable=import-outside-toplevel
-  boxed, _ = policy._boxed_abstract_params(llava.FAMILY, ours)  # pylint: disable=protected-access
+  boxed, _ = policy.boxed_abstract_params(llava.FAMILY, ours)
   sizes = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in boxed.items()}
   assert sum(sizes.values()) == pytest.approx(7.06e9, rel=0.005), sizes
   assert sizes["vision_tower"] == pytest.approx(0.3035e9, rel=0.005), sizes

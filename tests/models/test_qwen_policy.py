@@ -53,7 +53,7 @@ def test_processor_batch_gives_transformers_logits(real_vocab_checkpoint):
 def test_every_parameter_carries_logical_axes():
   config = models.architecture_from_config(tiny_model_config())
   family = models.family_of("qwen2_5_vl")
-  boxed, _ = models.policy._boxed_abstract_params(family, config)  # pylint: disable=protected-access
+  boxed, _ = models.policy.boxed_abstract_params(family, config)
   leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(
       x, nn.LogicallyPartitioned))
   unannotated = [jax.tree_util.keystr(p) for p, leaf in leaves
