@@ -28,9 +28,9 @@ import numpy as np
 
 from balcap.data.capworld.generate import CapWorldSpec, make_example
 from balcap.rl.rewards.capworld_judge import CapWorldJudge
-from balcap.rl.rewards.chat import ChatRequest
+from balcap.chat.protocol import ChatRequest
 from balcap.rl.rewards.llm_judge import LLMJudge
-from balcap.rl.rewards.openai_backend import OpenAIChatBackend
+from balcap.chat.openai_backend import OpenAIChatBackend
 from balcap.rl.rewards.types import Sample
 from rl.fake_chat_server import FakeChatServer
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from balcap import configs, models, parallel
-from balcap.rl.rewards import functions, local_backend
+from balcap.rl.rewards import functions, llm_judge
 from balcap.rl.rewards.types import Sample
 
 
@@ -43,7 +43,7 @@ def main(folder: str):
   host = jax.process_index()
   samples = samples_of(host)
   for deadline in (600.0, 0.0 if host == 0 else 600.0):
-    judge = local_backend.LocalJudge(policy, max_new_tokens=4, batch_size=2,
+    judge = llm_judge.LocalJudge(policy, max_new_tokens=4, batch_size=2,
                                      deadline_s=deadline)
     reward = functions.JudgeReward(judge)
     batch = reward.result(reward.submit(samples), samples, deadline_s=600.0)

@@ -4,6 +4,7 @@ The fake server (fake_chat_server.py) answers the judge prompts by a toy rule, s
 expected score below is exact; cue words in a caption make it slow, failing or garbled.
 """
 
+import dataclasses
 import logging
 import math
 import time
@@ -11,10 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from balcap.rl.rewards import json_reply, prompts
-from balcap.rl.rewards.chat import ChatReply, ChatRequest
+from balcap.chat import json_reply
+from balcap.chat.openai_backend import OpenAIChatBackend
+from balcap.chat.protocol import ChatReply, ChatRequest
+from balcap.rl.rewards import prompts
 from balcap.rl.rewards.llm_judge import LLMJudge, OpenAIChatJudge
-from balcap.rl.rewards.openai_backend import OpenAIChatBackend
 from balcap.rl.rewards.types import Sample
 from rl.fake_chat_server import FakeChatServer, Reply
 
@@ -276,6 +278,22 @@ def test_cache_hit_makes_no_request_and_survives_a_new_backend(tmp_path):
     other_model = OpenAIChatBackend(server.url, "another-model", cache_path=path)
     other_model.complete(requests[:1])
     assert server.count() == 5   # the model is part of the key
+
+
+def test_seed_and_prompt_version_key_the_cache_and_the_seed_reaches_the_server(tmp_path):
+  path = str(tmp_path / "judge.sqlite")
+  base = chat("r0", "same words")
+  samples = [dataclasses.replace(base, id=f"s{k}", temperature=1.0, seed=k) for k in range(3)]
+  with FakeChatServer() as server:
+    backend = make_backend(server, cache_path=path, max_retries=0)
+    backend.complete(samples)
+    assert server.count() == 3                      # three samples, not one cached thrice
+    assert sorted(r.body["seed"] for r in server.requests) == [0, 1, 2]
+    backend.complete(samples)
+    assert server.count() == 3                      # each sample cached on its own
+    backend.complete([dataclasses.replace(base, version="eval-v2")])
+    backend.complete([base])
+    assert server.count() == 5                      # another wording version asks again
 
 
 def test_judge_batch_is_served_from_cache(tmp_path):

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from balcap import models, sampling
-from balcap.rl.rewards import local_backend, prompts
-from balcap.rl.rewards.chat import ChatRequest
+from balcap.chat import local_backend
+from balcap.rl.rewards import llm_judge, prompts
+from balcap.chat.protocol import ChatRequest
 from balcap.rl.rewards.types import Sample
 from qwen_fixtures import tiny_config, write_checkpoint
 from testlib import QWEN_TOKENIZER_DIR, REPO
@@ -74,7 +75,7 @@ def test_a_bad_request_fails_alone_and_the_deadline_is_kept(judge_policy):
 
 
 def test_local_judge_scores_or_explains_every_sample(judge_policy):
-  judge = local_backend.LocalJudge(judge_policy, max_new_tokens=16)
+  judge = llm_judge.LocalJudge(judge_policy, max_new_tokens=16)
   samples = [Sample(f"ex{i}/0", f"a red circle {i}", ("a red circle on the left",),
                     image=image(i)) for i in range(2)]
   judgements = judge.judge(samples)

@@ -4,8 +4,8 @@
     batch = reward.result(reward.submit(samples), samples, config.rewards.deadline_s)
 
 Judges (one protocol, `types.Judge`): `capworld_judge.CapWorldJudge` (exact, CapWorld only),
-`llm_judge.OpenAIChatJudge` (any OpenAI-compatible server), `local_backend.LocalJudge` (a balcap
-policy through the sampler).
+`llm_judge.OpenAIChatJudge` (any OpenAI-compatible server), `llm_judge.LocalJudge` (a balcap
+policy through the sampler). Their chat backends live in `balcap.chat`, shared with `evals/`.
 """
 
 from balcap.rl.rewards.functions import (COMPONENTS, JudgeReward, RewardBatch, b_capscore,

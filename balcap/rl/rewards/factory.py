@@ -28,7 +28,7 @@ def judge_from_config(config, workdir: str, *, mesh=None) -> Judge:
   if rewards.judge == "local":
     # pylint: disable=import-outside-toplevel
     from balcap import models
-    from balcap.rl.rewards.local_backend import LocalJudge
+    from balcap.rl.rewards.llm_judge import LocalJudge
     policy = models.load_pretrained(rewards.local.checkpoint, dtype=config.model.dtype,
                                     mesh=mesh, scan_layers=config.model.scan_layers)
     return LocalJudge(policy, max_new_tokens=rewards.local.max_new_tokens,

@@ -23,9 +23,9 @@ from typing import Any, Callable, Sequence
 
 from balcap import parallel
 from balcap.rl.rewards import prompts
-from balcap.rl.rewards.chat import ChatBackend, ChatReply, ChatRequest
-from balcap.rl.rewards.json_reply import ReplyError
-from balcap.rl.rewards.openai_backend import OpenAIChatBackend
+from balcap.chat.protocol import ChatBackend, ChatReply, ChatRequest
+from balcap.chat.json_reply import ReplyError
+from balcap.chat.openai_backend import OpenAIChatBackend
 from balcap.rl.rewards.types import Judgement, Sample
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ class LLMJudge:
     by_id = {task.id: task for task in tasks}
     if len(by_id) != len(tasks):
       raise AssertionError("two judge requests share an id")
-    requests = [ChatRequest(task.id, task.messages) for task in tasks]
+    requests = [ChatRequest(task.id, task.messages, version=prompts.PROMPT_VERSION)
+                for task in tasks]
     try:
       replies = self.backend.complete(requests, deadline=deadline)
     except Exception as e:  # pylint: disable=broad-except
@@ -329,4 +330,13 @@ def OpenAIChatJudge(base_url: str, model: str, *,  # pylint: disable=invalid-nam
   """An `LLMJudge` on an OpenAI-compatible endpoint; `backend_kwargs` go to
   `OpenAIChatBackend` (api_key_env, timeout_s, max_concurrency, cache_path, ...)."""
   return LLMJudge(OpenAIChatBackend(base_url, model, **backend_kwargs), name=name,
+                  image_format=image_format, deadline_s=deadline_s)
+
+
+def LocalJudge(policy, *, name: str = "local",  # pylint: disable=invalid-name
+               image_format: str = "PNG", deadline_s: float | None = None,
+               **backend_kwargs) -> LLMJudge:
+  """An `LLMJudge` answered by a balcap policy; `backend_kwargs` go to `LocalChatBackend`."""
+  from balcap.chat.local_backend import LocalChatBackend  # pylint: disable=import-outside-toplevel
+  return LLMJudge(LocalChatBackend(policy, **backend_kwargs), name=name,
                   image_format=image_format, deadline_s=deadline_s)

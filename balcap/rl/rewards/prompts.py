@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from balcap.rl.rewards import json_reply
+from balcap.chat import json_reply
 
 PROMPT_VERSION = "balcap-judge-v1"
 TASKS = ("decompose", "verify", "cover", "rate")

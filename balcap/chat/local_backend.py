@@ -5,8 +5,9 @@ same devices as the learner, as greedy decoding in padded batches. Requests are 
 the policy's own chat template: the system message becomes the system prompt, the user turns'
 text is joined, and their images (data URLs) are decoded and attached.
 
-`LocalJudge(policy)` is `LLMJudge(LocalChatBackend(policy), name="local")`: the same prompts,
-parsing and accounting as the HTTP judge.
+`rl.rewards.llm_judge.LocalJudge(policy)` is `LLMJudge(LocalChatBackend(policy), name="local")`:
+the same prompts, parsing and accounting as the HTTP judge. It decodes greedily: requests
+that differ only in temperature or seed get the same answer.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import jax
 from PIL import Image
 
 from balcap import parallel, sampling
-from balcap.rl.rewards.chat import ChatReply, ChatRequest
-from balcap.rl.rewards.llm_judge import LLMJudge
+from balcap.chat.protocol import ChatReply, ChatRequest
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +181,3 @@ def _processed(processor, rows, with_image: bool) -> dict[str, Any]:
   """The processor batch of rendered rows (system, text, images)."""
   return processor(prompts=[text for _, text, _ in rows],
                    images=[images for _, _, images in rows] if with_image else None)
-
-
-def LocalJudge(policy, *, name: str = "local",  # pylint: disable=invalid-name
-               image_format: str = "PNG", deadline_s: float | None = None,
-               **backend_kwargs) -> LLMJudge:
-  """An `LLMJudge` answered by a balcap policy; `backend_kwargs` go to `LocalChatBackend`."""
-  return LLMJudge(LocalChatBackend(policy, **backend_kwargs), name=name,
-                  image_format=image_format, deadline_s=deadline_s)

@@ -1,4 +1,5 @@
-"""The chat backend protocol: a batch of chat requests in, one reply (text or cause) each out.
+"""The chat backend protocol, shared by the reward judges (`rl/rewards/`) and the benchmark
+evaluators (`evals/`): a batch of chat requests in, one reply (text or cause) each out.
 
 `LLMJudge` talks to its judge model only through `ChatBackend.complete`, so any model that
 answers OpenAI-format chat messages can judge: an HTTP endpoint (`openai_backend.py`) or a
@@ -35,6 +36,11 @@ class ChatRequest:
   messages: Sequence[Message]
   temperature: float | None = None
   max_tokens: int | None = None
+  # Keys the reply cache besides the messages: `version` names the prompt wording (bump it to
+  # ask again), `seed` tells apart repeated samples of one request (DCScore asks three times at
+  # temperature 1.0) and is sent to servers that take it.
+  version: str = ""
+  seed: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

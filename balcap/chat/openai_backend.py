@@ -27,9 +27,8 @@ import time
 import urllib.parse
 from typing import Any, Sequence
 
-from balcap.rl.rewards import cache as cache_lib
-from balcap.rl.rewards import prompts
-from balcap.rl.rewards.chat import ChatReply, ChatRequest
+from balcap.chat import cache as cache_lib
+from balcap.chat.protocol import ChatReply, ChatRequest
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +155,15 @@ class OpenAIChatBackend:
       self._cache.close()
 
   def _params(self, request: ChatRequest) -> dict[str, Any]:
-    return {"temperature": self.temperature if request.temperature is None
-                           else request.temperature,
-            "max_tokens": self.max_tokens if request.max_tokens is None else request.max_tokens}
+    params = {"temperature": self.temperature if request.temperature is None
+                             else request.temperature,
+              "max_tokens": self.max_tokens if request.max_tokens is None else request.max_tokens}
+    if request.seed is not None:
+      params["seed"] = request.seed  # vLLM and SGLang honour it; it also keys the cache
+    return params
 
   def _cache_key(self, request: ChatRequest) -> str:
-    return cache_lib.cache_key(self.model, prompts.PROMPT_VERSION, request.messages,
+    return cache_lib.cache_key(self.model, request.version, request.messages,
                                self._params(request))
 
   def _complete_one(self, request: ChatRequest, key: str | None,
