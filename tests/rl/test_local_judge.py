@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from balcap import models, sampling
-from balcap.chat import local_backend
-from balcap.rl.rewards import llm_judge, prompts
+from balcap.chat import images, local_backend
 from balcap.chat.protocol import ChatRequest
+from balcap.rl.rewards import llm_judge, prompts
 from balcap.rl.rewards.types import Sample
 from qwen_fixtures import tiny_config, write_checkpoint
 from testlib import QWEN_TOKENIZER_DIR, REPO
@@ -38,7 +38,7 @@ def image(seed, size=(56, 56)):
 
 def test_requests_render_with_system_prompt_images_and_reminders():
   messages = prompts.with_reminder(
-      prompts.verification_messages(["a red circle"], prompts.image_data_url(image(0))),
+      prompts.verification_messages(["a red circle"], images.image_data_url(image(0))),
       "expected 1 verdicts")
   system, text, images = local_backend.render(ChatRequest("s#verify", messages))
   assert system == prompts.SYSTEM_PROMPTS["verify"]
@@ -52,7 +52,7 @@ def test_replies_come_in_order_and_equal_greedy_sampling(judge_policy):
   requests = [ChatRequest(f"s{i}#rate", prompts.rating_messages(f"caption number {i}"))
               for i in range(3)]
   requests.append(ChatRequest("s3#verify", prompts.verification_messages(
-      ["a square"], prompts.image_data_url(image(1)))))
+      ["a square"], images.image_data_url(image(1)))))
   replies = backend.complete(requests)
   assert [r.id for r in replies] == [r.id for r in requests] and all(r.ok for r in replies)
   # The same answer as sampling the rendered prompt directly, greedily.

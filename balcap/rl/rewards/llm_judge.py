@@ -22,10 +22,11 @@ import time
 from typing import Any, Callable, Sequence
 
 from balcap import parallel
-from balcap.rl.rewards import prompts
-from balcap.chat.protocol import ChatBackend, ChatReply, ChatRequest
+from balcap.chat import images
 from balcap.chat.json_reply import ReplyError
 from balcap.chat.openai_backend import OpenAIChatBackend
+from balcap.chat.protocol import ChatBackend, ChatReply, ChatRequest
+from balcap.rl.rewards import prompts
 from balcap.rl.rewards.types import Judgement, Sample
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ class _Batch:
     if image is None:
       raise ValueError("the sample has no image to verify against")
     if id(image) not in self.image_urls:
-      self.image_urls[id(image)] = prompts.image_data_url(image, self.judge.image_format)
+      self.image_urls[id(image)] = images.image_data_url(image, self.judge.image_format)
     return self.image_urls[id(image)]
 
   # recall: decompose the references, then check coverage

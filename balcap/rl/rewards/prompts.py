@@ -12,13 +12,8 @@ of the reply cache's key and of every Judgement's details.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from typing import Any, Sequence
-
-import numpy as np
-from PIL import Image
 
 from balcap.chat import json_reply
 
@@ -181,27 +176,3 @@ def parse_rating(reply: str) -> dict[str, float]:
 
 
 # images
-
-
-def image_data_url(image: Any, image_format: str = "PNG") -> str:
-  """A base64 data URL for a PIL image, a uint8 [H, W, 3] array or encoded PNG/JPEG bytes;
-  a string (already a URL) is passed through."""
-  if isinstance(image, str):
-    return image
-  if isinstance(image, (bytes, bytearray)):
-    mime = ("image/png" if image[:8] == b"\x89PNG\r\n\x1a\n" else
-            "image/jpeg" if image[:2] == b"\xff\xd8" else None)
-    if mime is None:
-      raise ValueError("image bytes are neither PNG nor JPEG")
-    return f"data:{mime};base64,{base64.b64encode(bytes(image)).decode('ascii')}"
-  if isinstance(image, np.ndarray):
-    image = Image.fromarray(np.asarray(image, np.uint8))
-  if not isinstance(image, Image.Image):
-    raise ValueError(f"cannot send an image of type {type(image).__name__} to a judge")
-  image_format = image_format.upper()
-  if image_format == "JPEG" and image.mode != "RGB":
-    image = image.convert("RGB")
-  buffer = io.BytesIO()
-  image.save(buffer, format=image_format)
-  mime = {"PNG": "image/png", "JPEG": "image/jpeg"}[image_format]
-  return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
