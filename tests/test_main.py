@@ -70,11 +70,12 @@ def test_mode_argument_selects_the_mode(tmp_path):
   assert "validation: 4 examples" in done.stdout and "test: 4 examples" in done.stdout
 
 
-def test_a_mode_this_version_lacks_says_what_it_needs(tmp_path):
+def test_mode_eval_without_its_folders_and_judge_says_which_fields(tmp_path):
   done = balcap_main("--config=configs/tiny.py:mode=eval", tmp_path=tmp_path)
   assert done.returncode == 1
-  assert "config.mode='eval' needs a checkpoint reader" in done.stderr
-  assert "modes available: ['caption', 'compile', 'data', 'sft', 'train']" in done.stderr
+  assert ("config.eval.benchmarks has dcscore but config.eval.decapbench is empty"
+          in done.stderr)
+  assert "config.eval.judge.base_url and .model name the benchmarks' judge" in done.stderr
 
 
 def test_config_errors_name_the_field_and_the_fix_before_any_work(tmp_path):

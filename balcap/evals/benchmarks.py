@@ -202,3 +202,17 @@ def run_caparena(backend: ChatBackend, items: Sequence[benchmark_data.CapArenaIt
                  invalid_reasons=dict(sorted(invalid.items())))
   rows += [{"id": i, "invalid": why} for i, why in sorted(invalid.items())]
   return summary, rows
+
+
+# The judged benchmarks by their config name (config.eval.benchmarks).
+DRIVERS = {"dcscore": run_dcscore, "captionqa": run_captionqa, "caparena": run_caparena}
+
+
+def expected_asks(name: str, items: Sequence[Any]) -> int:
+  """Judge asks a benchmark makes of `items` (a progress bar's total; DCScore's is exact when
+  no caption decomposes into nothing)."""
+  if name == "dcscore":
+    return len(items) * (1 + dcscore.MATCH_SAMPLES + dcscore.VERIFY_SAMPLES)
+  if name == "captionqa":
+    return sum(len(item.questions) for item in items)
+  return len(items)

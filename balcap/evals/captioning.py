@@ -47,7 +47,7 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
         policy.family.decode_start(policy.config, prepared), jax.random.key(0), spec)
     captions = decode(policy, rollouts)
     examples = [{k: batch[k][i] for k in batch if k != "mask"} for i in range(len(captions))]
-    rewards = reward(functions.make_samples(examples, captions, 1))
+    rewards = _judged(reward, examples, captions)
     for i, caption in enumerate(captions):
       if not real[i]:
         continue
@@ -71,6 +71,35 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
                                                         "linguistic")))[0])
   metrics["examples"] = float(counts[0])
   return metrics, shown
+
+
+def _judged(reward: functions.JudgeReward, examples: list[dict], captions: list[str]):
+  return reward(functions.make_samples(examples, captions, 1))
+
+
+def score_captions(reward: functions.JudgeReward, examples: list[dict], captions: list[str]
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """b-CapScore of given captions (one per example, any model's): the means evaluate() reports,
+  and one row per caption. A component the judge could not score (NaN) is left out of its
+  mean and counted in `unscored`."""
+  rows, values = [], {c: [] for c in COMPONENTS}
+  for start in range(0, len(captions), 64):  # the judge's batches
+    part = slice(start, start + 64)
+    rewards = _judged(reward, examples[part], captions[part])
+    for i, (example, caption) in enumerate(zip(examples[part], captions[part])):
+      row = {"id": str(example["id"]), "caption": caption}
+      for c in COMPONENTS:
+        value = float(rewards.components[c][i])
+        row[c] = None if math.isnan(value) else value
+        if row[c] is not None:
+          values[c].append(value)
+      rows.append(row)
+  means = {c: float(np.mean(v)) if v else float("nan") for c, v in values.items()}
+  summary: dict[str, Any] = {
+      **means, "b_capscore": float(functions.b_capscore(*(np.array([means[c]]) for c in (
+          "precision", "recall", "linguistic")))[0]),
+      "scored": len(rows), "unscored": {c: len(rows) - len(v) for c, v in values.items()}}
+  return summary, rows
 
 
 def decode(policy, rollouts: sampling.Rollouts) -> list[str]:

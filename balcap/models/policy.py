@@ -241,7 +241,7 @@ def load_pretrained(folder: str, *, dtype: str | None = None, mesh: Mesh | None 
   boxed, _ = boxed_abstract_params(family, config)
   params = hf_io.load_params(folder, family.rules(config), nn.unbox(boxed),
                              _shardings(boxed, mesh))
-  processor = family.processor_from_pretrained(folder) if _has_tokenizer(folder) else None
+  processor = family.processor_from_pretrained(folder) if has_tokenizer(folder) else None
   return Policy(family, config, params, processor, mesh, source=folder)
 
 
@@ -277,16 +277,16 @@ def policy_from_config(model_config, rng: jax.Array, mesh: Mesh | None = None) -
     policy = init_random(architecture_from_config(model_config), rng, mesh=mesh)
   else:
     policy = _load_checked(model_config, mesh)
-  if model_config.tokenizer and not _has_tokenizer(model_config.tokenizer):
+  if model_config.tokenizer and not has_tokenizer(model_config.tokenizer):
     raise FileNotFoundError(f"config.model.tokenizer={model_config.tokenizer!r} has no "
                             "tokenizer.json or tokenizer.model")
   tokenizer = model_config.tokenizer or model_config.checkpoint
-  if tokenizer and _has_tokenizer(tokenizer):
+  if tokenizer and has_tokenizer(tokenizer):
     policy.processor = policy.family.processor_from_pretrained(tokenizer, model_config)
   return policy
 
 
-def _has_tokenizer(folder: str) -> bool:
+def has_tokenizer(folder: str) -> bool:
   return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model"))
 
 

@@ -6,7 +6,7 @@ test knows every score.
   match      a fact matches the reference with the same words (case and final "." aside)
   verify     true unless the fact says "unicorn"
   question   the letter of the first option the caption contains as a word; else the
-             "cannot answer" letter; "GIBBERISH" captions -> "??" (unparsable)
+             "cannot answer" letter (the last letter for yes/no questions); "GIBBERISH" captions -> "??" (unparsable)
   arena      the caption with more words is better; equal -> Tie; "CONFUSED" -> no verdict
 """
 
@@ -64,7 +64,9 @@ def answer(messages) -> str:
       if option != captionqa.CANNOT_ANSWER and re.search(
           rf"\b{re.escape(option.lower())}\b", caption):
         return letter
-    return next(letter for letter, option in options if option == captionqa.CANNOT_ANSWER)
+    # No match: "cannot answer", or the last option when there is none (yes/no questions).
+    return next((letter for letter, option in options if option == captionqa.CANNOT_ANSWER),
+                options[-1][0])
   if text.startswith("Here is an image, a reference"):
     first, second = _block(text, 1), _block(text, 2)
     if "CONFUSED" in first + second:
