@@ -87,7 +87,8 @@ def score_captions(reward: functions.JudgeReward, examples: list[dict], captions
     part = slice(start, start + 64)
     rewards = _judged(reward, examples[part], captions[part])
     for i, (example, caption) in enumerate(zip(examples[part], captions[part])):
-      row = {"id": str(example["id"]), "caption": caption}
+      row = {"id": str(example["id"]), "caption": caption,
+             "references": [str(r) for r in example.get("references", [])]}
       for c in COMPONENTS:
         value = float(rewards.components[c][i])
         row[c] = None if math.isnan(value) else value

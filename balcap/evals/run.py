@@ -240,7 +240,8 @@ def _benchmark_data(config) -> dict[str, list]:
     from balcap.data import datasets  # pylint: disable=import-outside-toplevel
     split = datasets.open_split(datasets.prepare(config.data), config.data.test_split)
     count = len(split) if e.num_examples < 0 else min(e.num_examples, len(split))
-    data["capscore"] = [split[i] for i in range(count)]
+    from balcap.data import pipeline  # pylint: disable=import-outside-toplevel
+    data["capscore"] = [pipeline.decode_strings(split[i]) for i in range(count)]
   return data
 
 

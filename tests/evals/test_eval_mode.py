@@ -81,6 +81,8 @@ def test_eval_scores_a_runs_checkpoint_on_every_benchmark_and_resumes_from_the_c
     assert results["caparena"]["images"] == 3 and -100 <= results["caparena"]["score_avg"] <= 100
     assert results["capscore"]["scored"] == 3 and results["capscore"]["judge"][
         "rewards_judge"] == "capworld"
+    capscore_rows = [json.loads(l) for l in (out / "capscore.jsonl").read_text().splitlines()]
+    assert all(r["id"].startswith("capworld-test-") for r in capscore_rows)
     assert set(results["classic"]["sources"]) == {"capworld:test", "decapbench", "caparena"}
     report = (out / "report.md").read_text()
     for label in ("DCScore", "CaptionQA", "CapArena-Auto", "b-CapScore", "CIDEr-D"):
@@ -107,14 +109,20 @@ def test_eval_scores_a_runs_checkpoint_on_every_benchmark_and_resumes_from_the_c
     for row in rows:
       if row["benchmark"] == "dcscore":
         row["caption"] = f"A red cube {row['id'][2]}. A blue ball."
+    # Its CapWorld captions are each image's first reference: exact (precision 1, linguistic 1).
+    rows += [{"benchmark": "capscore", "id": r["id"], "caption": r["references"][0]}
+             for r in capscore_rows]
     theirs.write_text("".join(json.dumps({k: r[k] for k in ("benchmark", "id", "caption")})
                               + "\n" for r in rows))
     scored = _eval(tmp_path, tmp_path / "theirs", server.url, f"--config.eval.captions={theirs}",
-                   "--config.eval.benchmarks=('dcscore','captionqa','caparena','classic')")
+                   "--config.eval.benchmarks=('dcscore','captionqa','caparena','capscore',"
+                   "'classic')")
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert server.count() == asked + 2 * 7  # DeCapBench's new captions only
     mine = {n: json.loads((tmp_path / "theirs" / "eval" / f"{n}.json").read_text())
-            for n in ("dcscore", "captionqa", "caparena", "classic")}
+            for n in BENCHMARKS}
+    assert mine["capscore"]["precision"] == 1.0 and mine["capscore"]["linguistic"] == 1.0
+    assert mine["capscore"]["scored"] == 3 and mine["capscore"]["b_capscore"] > 0
     assert abs(mine["dcscore"]["score"] - 80.0) < 1e-5
     assert abs(mine["dcscore"]["recall"] - 200 / 3) < 1e-9 and mine["dcscore"]["precision"] == 100
     for name in ("captionqa", "caparena"):
