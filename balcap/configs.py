@@ -396,7 +396,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   if config.mode == "train" or (config.mode == "eval" and "capscore" in config.eval.benchmarks):
     problems += _reward_problems(config)  # the rewards' judge scores the captions
   if config.mode == "eval":
-    problems += _eval_problems(config.eval)
+    problems += _eval_problems(config.eval, config.model.checkpoint)
   if config.mode == "export":
     problems += _export_problems(config.export)
   problems += _compile_problems(config)
@@ -666,7 +666,7 @@ EVAL_BENCHMARKS = ("dcscore", "captionqa", "caparena", "capscore", "classic")
 _JUDGED = {"dcscore": "decapbench", "captionqa": "captionqa", "caparena": "caparena"}
 
 
-def _eval_problems(e) -> list[str]:
+def _eval_problems(e, config_model_checkpoint: str) -> list[str]:
   problems = []
   unknown = [b for b in e.benchmarks if b not in EVAL_BENCHMARKS]
   if unknown or not e.benchmarks:
@@ -677,6 +677,10 @@ def _eval_problems(e) -> list[str]:
   if e.captions and e.run:
     problems.append("config.eval.captions and config.eval.run are both set; captions are "
                     "either read from a file or made by the run's params, not both")
+  if not (e.captions or e.run or config_model_checkpoint):
+    problems.append("mode eval needs captions to score: config.eval.run (a train/sft workdir), "
+                    "config.model.checkpoint (an HF folder) or config.eval.captions (a JSONL "
+                    "file); a randomly initialised policy is not evaluated")
   if e.captions and not epath.Path(e.captions).exists():
     problems.append(f"config.eval.captions={e.captions!r}: no such file")
   for benchmark, field in _JUDGED.items():

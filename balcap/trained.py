@@ -73,7 +73,10 @@ def model_config(source: Source, base: str = "") -> ml_collections.ConfigDict:
   with checkpoint.Checkpointer(checkpoint_dir(source.run, source.stage)) as store:
     saved = store.restore_config(source.step)
   model = configs.base_config().model
-  model.update_from_flattened_dict(_flatten(saved["model"]))
+  known = set(_flatten(model.to_dict())) | {"architecture"}
+  # Fields a newer or older balcap wrote that this one does not know are left out.
+  model.update_from_flattened_dict({k: v for k, v in _flatten(saved["model"]).items()
+                                    if k in known})
   if base:
     model.checkpoint, model.tokenizer = base, ""
   return model

@@ -13,6 +13,8 @@ classic metrics (README, Evaluating).
 
 `model` (qwen3b, qwen7b, llava7b, tiny) takes the architecture, mesh and rewards' judge of that
 config; captions are greedy, up to 512 new tokens (the paper's 3B captions average 175 words).
+Benchmarks: DCScore, CaptionQA, CapArena-Auto and the classic metrics; add `capscore`
+(b-CapScore on config.data's test split, by the rewards' judge) with your data and judge set.
 Results go to <workdir>/eval/: <benchmark>.json, <benchmark>.jsonl, report.md.
 """
 
@@ -39,4 +41,7 @@ def get_config(arg=None):
   c.sampling.temperature = 0.0       # greedy captions, as the paper's tables
   if arg.model != "tiny":
     c.sampling.max_new_tokens = 512
+    # b-CapScore needs your held-out data (config.data) and the rewards' judge: add
+    # "capscore" to the list with --config.data.* and --config.rewards.openai.* set.
+    c.eval.benchmarks = ("dcscore", "captionqa", "caparena", "classic")
   return c

@@ -140,3 +140,31 @@ def test_reward_and_advantage_settings_are_checked():
   assert any("needs config.rewards.openai.base_url" in p for p in problems)
   assert any(p.startswith("config.advantage: ") and "2 weights for 3 components" in p
              for p in problems)
+
+
+def test_eval_and_export_settings_are_checked(tmp_path):
+  config = load_config_file("eval", "model=tiny")
+  config.eval.benchmarks = ("dcscore", "bleu")
+  config.eval.stage, config.eval.judge.image_detail, config.eval.judge.tries = "best", "max", 0
+  with pytest.raises(configs.ConfigError) as error:
+    configs.validate(config, num_devices=1)
+  message = str(error.value)
+  for expected in ("config.eval.benchmarks=('dcscore', 'bleu'): choose from",
+                   "config.eval.stage='best'", "config.eval.judge.image_detail='max'",
+                   "config.eval.judge.tries=0", "mode eval needs captions to score",
+                   "config.eval.decapbench is empty"):
+    assert expected in message, expected
+  config = load_config_file("eval", "model=tiny")
+  config.eval.benchmarks = ("classic",)
+  config.eval.run, config.eval.captions = str(tmp_path), str(tmp_path / "none.jsonl")
+  with pytest.raises(configs.ConfigError, match="are both set") as error:
+    configs.validate(config, num_devices=1)
+  assert "none.jsonl': no such file" in str(error.value)
+  config.eval.captions = ""
+  configs.validate(config, num_devices=1)  # a run's checkpoints carry the model
+  config = load_config_file("tiny", "mode=export")
+  config.export.dtype, config.export.stage = "int8", "final"
+  with pytest.raises(configs.ConfigError) as error:
+    configs.validate(config, num_devices=1)
+  assert "config.export.dtype='int8'" in str(error.value)
+  assert "config.export.stage='final'" in str(error.value)

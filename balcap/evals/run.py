@@ -10,7 +10,8 @@
 2. Each benchmark of `config.eval.benchmarks` is scored: DCScore, CaptionQA, CapArena-Auto
    (the judge in config.eval.judge, its replies cached in sqlite: a re-run asks the server only
    what it never answered), b-CapScore (the rewards' judge on config.data's test split) and the
-   classic reference metrics (against every benchmark's reference captions).
+   classic reference metrics (against the references of every benchmark run: DeCapBench's
+   oracle captions, CapArena's human captions and, with b-CapScore, config.data's).
 3. `<workdir>/eval/<benchmark>.json` (score, sub-scores, items, invalid ids, judge and prompt
    version, seeds, caption length, time), `<benchmark>.jsonl` (one row per item) and
    `report.md` (one table over everything in the folder).
@@ -143,8 +144,12 @@ def _tokenizer_only(config):
   folder = config.model.tokenizer or config.model.checkpoint
   if not folder or not models.policy.has_tokenizer(folder):
     return None
-  family = (models.policy.checkpoint_config(folder)[0] if config.model.checkpoint
-            else models.family_of(config.model.architecture.family))
+  if config.model.checkpoint:
+    family = models.policy.checkpoint_config(folder)[0]
+  elif config.model.architecture:
+    family = models.family_of(config.model.architecture.family)
+  else:
+    return None
   return family.processor_from_pretrained(folder, config.model)
 
 
@@ -236,7 +241,7 @@ def _benchmark_data(config) -> dict[str, list]:
     if name in loaders:
       load, folder = loaders[name]
       data[name] = _limit(load(folder), e.num_examples)
-  if "capscore" in e.benchmarks or "classic" in e.benchmarks:
+  if "capscore" in e.benchmarks:  # (classic then also scores against its references)
     from balcap.data import datasets  # pylint: disable=import-outside-toplevel
     split = datasets.open_split(datasets.prepare(config.data), config.data.test_split)
     count = len(split) if e.num_examples < 0 else min(e.num_examples, len(split))
