@@ -172,29 +172,39 @@ def coco_unavailable() -> str | None:
   return None
 
 
-def coco(pairs: Mapping[str, tuple[str, Sequence[str]]]) -> dict[str, float]:
-  """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D by pycocoevalcap (its PTB tokenizer first)."""
+def coco(sources: Mapping[str, Mapping[str, tuple[str, Sequence[str]]]]
+         ) -> dict[str, dict[str, float]]:
+  """{source: BLEU-1..4, METEOR, ROUGE-L and CIDEr-D} by pycocoevalcap (its PTB tokenizer
+  first). One tokenizer pass and one METEOR process for every source: each starts a JVM."""
   # pylint: disable=import-outside-toplevel
   from pycocoevalcap.bleu.bleu import Bleu
   from pycocoevalcap.cider.cider import Cider
   from pycocoevalcap.meteor.meteor import Meteor
   from pycocoevalcap.rouge.rouge import Rouge
   from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+  keys = {(source, i): f"{n}:{i}" for n, source in enumerate(sources) for i in sources[source]}
   tokenizer = PTBTokenizer()
-  gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, (_, refs) in pairs.items()})
-  res = tokenizer.tokenize({i: [{"caption": c}] for i, (c, _) in pairs.items()})
-  scores: dict[str, float] = {}
-  for scorer, names in ((Bleu(4), [f"bleu_{k}" for k in range(1, 5)]), (Meteor(), ["meteor"]),
-                        (Rouge(), ["rouge_l"]), (Cider(), ["cider_d"])):
-    value, _ = (scorer.compute_score(gts, res, verbose=0) if isinstance(scorer, Bleu)
-                else scorer.compute_score(gts, res))
-    for name, v in zip(names, value if isinstance(value, list) else [value]):
-      scores[name] = float(v)
-    if isinstance(scorer, Meteor):  # its Java process lives until closed
-      with scorer.lock:
-        scorer.meteor_p.stdin.close()
-        scorer.meteor_p.kill()
-        scorer.meteor_p.wait()
+  gts = tokenizer.tokenize({k: [{"caption": r} for r in sources[s][i][1]]
+                            for (s, i), k in keys.items()})
+  res = tokenizer.tokenize({k: [{"caption": sources[s][i][0]}] for (s, i), k in keys.items()})
+  meteor = Meteor()
+  scores: dict[str, dict[str, float]] = {}
+  try:
+    for source in sources:
+      mine = [k for (s, _), k in keys.items() if s == source]
+      g, r = {k: gts[k] for k in mine}, {k: res[k] for k in mine}
+      scores[source] = {}
+      for scorer, names in ((Bleu(4), [f"bleu_{k}" for k in range(1, 5)]),
+                            (meteor, ["meteor"]), (Rouge(), ["rouge_l"]), (Cider(), ["cider_d"])):
+        value, _ = (scorer.compute_score(g, r, verbose=0) if isinstance(scorer, Bleu)
+                    else scorer.compute_score(g, r))
+        for name, v in zip(names, value if isinstance(value, list) else [value]):
+          scores[source][name] = float(v)
+  finally:  # its Java process lives until closed
+    with meteor.lock:
+      meteor.meteor_p.stdin.close()
+      meteor.meteor_p.kill()
+      meteor.meteor_p.wait()
   return scores
 
 
@@ -205,11 +215,12 @@ def evaluate(sources: Mapping[str, Mapping[str, tuple[str, Sequence[str]]]]
   summary: dict[str, Any] = {"sources": {}, "spice": SPICE_SKIPPED,
                              "pycocoevalcap": why_not or "used"}
   rows = []
+  theirs = coco(sources) if why_not is None and sources else {}
   for source, pairs in sources.items():
     corpus, per_item = pure_python(pairs)
     entry = {"items": len(pairs), "pure_python": corpus}
-    if why_not is None:
-      entry["pycocoevalcap"] = coco(pairs)
+    if source in theirs:
+      entry["pycocoevalcap"] = theirs[source]
     summary["sources"][source] = entry
     rows += [{"source": source, "id": i, "caption": pairs[i][0], **per_item[i]}
              for i in sorted(pairs)]

@@ -113,7 +113,7 @@ def read_captions(path: str) -> dict[tuple[str, str], str]:
 
 
 def captions_for(captions: dict[tuple[str, str], str], benchmark: str) -> dict[str, str]:
-  """The captions of one benchmark: its own rows, then rows without a benchmark."""
+  """The captions of one benchmark: rows naming it, else rows naming no benchmark."""
   mine = {i: c for (b, i), c in captions.items() if b == ""}
   mine.update({i: c for (b, i), c in captions.items() if b == benchmark})
   return mine
@@ -130,7 +130,7 @@ def _captioner(config) -> tuple[models.Policy | None, dict[str, Any]]:
     described = {"run": os.path.abspath(e.run), "stage": source.stage, "step": source.step}
   else:
     policy = models.policy_from_config(config.model, jax.random.key(config.seed), mesh=mesh)
-    described = {"model": config.model.checkpoint or "random init of config.model"}
+    described = {"model": config.model.checkpoint}  # validate() asks for one
   if policy.processor is None:
     raise configs.BalcapError("mode eval captions with a tokenizer: set config.model.tokenizer")
   s = config.sampling
@@ -169,10 +169,18 @@ def _make_captions(policy, config, data, out: str, captioner: dict) -> dict:
   captions = {}
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
-      for line in f:
-        if line.strip():
-          row = json.loads(line)
-          captions[(row["benchmark"], row["id"])] = row.get("caption")
+      lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except ValueError:  # the line a killed run was writing: captioned again
+        continue
+      captions[(row["benchmark"], row["id"])] = row.get("caption")
+      kept.append(line)
+    if len(kept) != len(lines):
+      with open(path, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in kept)
   needed = [n for n in _needed(config, data) if (n.benchmark, n.id) not in captions]
   if needed:
     batch_size = parallel.host_batch_size(config.batch_size)

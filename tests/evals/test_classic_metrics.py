@@ -67,12 +67,14 @@ def test_pure_python_equals_pycocoevalcap_on_the_same_tokens():
 
 def test_evaluate_runs_pycocoevalcap_with_java_and_reports_spice_skipped():
   assert classic.coco_unavailable() is None, "Java and pycocoevalcap are on these machines"
-  summary, rows = classic.evaluate({"set": PAIRS})
+  other = {"z": ("A dog runs on the grass.", ["A large brown dog runs across the grass."])}
+  summary, rows = classic.evaluate({"set": PAIRS, "other": other})
+  assert summary["sources"]["other"]["pycocoevalcap"]["meteor"] > 0
   entry = summary["sources"]["set"]
   coco = entry["pycocoevalcap"]
   assert 0 < coco["meteor"] < 1
   # Its PTB tokenizer and balcap's word split agree on this plain text.
   assert coco["cider_d"] == pytest.approx(entry["pure_python"]["cider_d"], rel=1e-9)
   assert coco["bleu_4"] == pytest.approx(entry["pure_python"]["bleu_4"], rel=1e-9)
-  assert "SPICE is not run" in summary["spice"] and summary["items"] == 4
-  assert [r["id"] for r in rows] == sorted(PAIRS)
+  assert "SPICE is not run" in summary["spice"] and summary["items"] == 5
+  assert [r["id"] for r in rows] == sorted(PAIRS) + ["z"]

@@ -40,11 +40,11 @@ def test_requests_render_with_system_prompt_images_and_reminders():
   messages = prompts.with_reminder(
       prompts.verification_messages(["a red circle"], images.image_data_url(image(0))),
       "expected 1 verdicts")
-  system, text, images = local_backend.render(ChatRequest("s#verify", messages))
+  system, text, shown = local_backend.render(ChatRequest("s#verify", messages))
   assert system == prompts.SYSTEM_PROMPTS["verify"]
   assert "a red circle" in text and "expected 1 verdicts" in text
   assert text.index("a red circle") < text.index("expected 1 verdicts")
-  assert len(images) == 1 and np.array_equal(np.asarray(images[0]), np.asarray(image(0)))
+  assert len(shown) == 1 and np.array_equal(np.asarray(shown[0]), np.asarray(image(0)))
 
 
 def test_replies_come_in_order_and_equal_greedy_sampling(judge_policy):
