@@ -359,7 +359,7 @@ def test_meta_commentary_alone_is_unpointable_and_unclear():
   assert (j.precision, j.recall) == (0.0, 0.0)
   assert j.details["non_pointable"] == 1 and j.details["assertions"] == 1
   assert (j.details["clarity"], j.details["fluency"], j.details["coherence"]) == (0, 1, 1)
-  assert j.linguistic == pytest.approx(2 / 3)
+  assert j.linguistic == 0.0  # commentary alone reads as no caption at all
 
 
 def test_one_true_and_one_false_claim_is_half_precise():
@@ -372,7 +372,8 @@ def test_one_true_and_one_false_claim_is_half_precise():
 def test_contradictory_colours_are_false_and_incoherent():
   j = _judge("There is a red circle. The red circle is blue.", SCENE, [REFERENCE])
   assert j.precision == pytest.approx(2 / 3)
-  assert j.details["coherence"] == 0.5 and j.details["fluency"] == j.details["clarity"] == 1
+  # The contradicting sentence is 5 of 10 words: (1 - 1/2)^2, halved for the contradiction.
+  assert j.details["coherence"] == 0.125 and j.details["fluency"] == j.details["clarity"] == 1
   assert any("contradicts" in p for p in j.details["problems"])
 
 
@@ -389,7 +390,8 @@ def test_repeated_sentence_is_incoherent_but_not_false():
   j = _judge("A red circle sits in the top left. A blue square is present. "
              "A red circle sits in the top left.", SCENE, [REFERENCE])
   assert j.precision == 1.0 and j.details["grounding"] == [0, 1, 0]
-  assert j.details["coherence"] == pytest.approx(2 / 3)
+  assert j.details["coherence"] == pytest.approx((13 / 21) ** 2)  # 8 of 21 words repeated
+  assert j.details["restated"] == 3 and j.details["degenerate"]
 
 
 def test_a_later_description_shares_an_object_only_if_nothing_said_conflicts():
@@ -400,7 +402,7 @@ def test_a_later_description_shares_an_object_only_if_nothing_said_conflicts():
                  ("circle", "red", "small", 180, 180, 28, "bottom right"))
   j = _judge("There is a red circle. There is a red circle.", twins, [REFERENCE])
   assert j.details["grounding"] == [0, 1]  # two like objects: one each, nothing restated
-  assert j.precision == 1.0 and j.details["coherence"] == 0.5  # the sentence is repeated
+  assert j.precision == 1.0 and j.details["coherence"] == 0.25  # half the words repeated
 
 
 def test_two_equal_descriptions_in_one_sentence_are_two_objects():
@@ -413,7 +415,7 @@ def test_two_equal_descriptions_in_one_sentence_are_two_objects():
     ("A red circle.", "fluency", 0.0),                                # fragment
     ('A red circle labelled "GO".', "fluency", 0.0),                  # still no verb
     ("A red circle sits next to a blue square.", "fluency", 0.0),     # "next" is unparsed
-    ("There is a red circle. There are several shapes.", "clarity", 0.5),  # vague
+    ("There is a red circle. There are several shapes.", "clarity", (1 - 4 / 9) ** 2),  # vague
     ("A red circle, a blue square and a red circle are present.", "fluency", 0.0),  # run-on
     ("There is a green star.", "coherence", 0.0),                     # grounds to nothing
 ])
@@ -429,7 +431,7 @@ def test_ambiguous_definite_reference_is_unclear():
   j = _judge(clear, scene, [clear])
   assert (j.precision, j.recall, j.linguistic) == (1.0, 1.0, 1.0), j.details
   j = _judge(clear.replace("The large red circle", "The red circle"), scene, [clear])
-  assert j.details["clarity"] == pytest.approx(2 / 3), j.details
+  assert j.details["clarity"] == pytest.approx((20 / 29) ** 2), j.details  # 9 of 29 words
 
 
 def test_unnamed_shape_and_negation():

@@ -9,8 +9,11 @@ relation, count, background) is one assertion, and so is every `Span` it could n
 claims: one assertion per span, where a span is a run of unreadable words not interrupted by
 a claim (the parser's own unit). A "meta" span (commentary, mood, style) is non-pointable; a
 "negated" span (CapWorld states no negative facts) and an "unparsed" span are unverifiable.
-Claims are all pointable (each names something visible), so
-  precision = #verified claims / (#claims + #spans)        (0 assertions -> 0.0)
+Claims are all pointable (each names something visible). A claim made again (the same fact
+about the same grounded objects, in other words or in a repeated sentence) is one assertion:
+saying a true thing twice adds no information, so it must not add precision either. Spans are
+never merged (a repeated aside is still an aside). So
+  precision = #distinct verified claims / (#distinct claims + #spans)   (0 assertions -> 0.0)
 
 Grounding. Claims are about the caption's entities; `ground_entities` maps each entity to a
 scene object or to none so that the most claims are verified (a claim is verified when,
@@ -35,8 +38,14 @@ verified grounded facts / #units. No references (or none with a checkable fact) 
 cause "no_reference". A reference by itself covers only the units it states: against the
 union of two references it scores below 1 when the other states more details.
 
-Linguistic = mean(fluency, clarity, coherence); each is the fraction of sentences with no
-problem of its kind (a caption with no sentence scores 0 on each):
+Linguistic = (fluency x clarity x coherence)^(1/3): a caption that fails one quality entirely
+(all fragments, all commentary, all repetition) does not read well whatever the others say.
+Each sub-score falls steeply with how much of the caption its problems take, so padding a
+caption with repeats, commentary or run-ons cannot pay:
+  score = (1 - s)^2,  s = the share of the caption's words in sentences with a problem of its
+  kind (a third of the words: 0.44; half: 0.25; a reference said ten times: 0.01),
+and coherence is halved again for each contradiction (one false restatement makes the whole
+caption untrustworthy). A caption with no sentence scores 0. The problems:
   fluency    - an unparsed span; a fragment: no verb of the lexicon (`lexicon.VERBS`) in a
                sentence that is not pure commentary or negation ("A red circle."); a run-on:
                more than MAX_CLAUSES new entities (the members of a counted group, "two
@@ -48,6 +57,12 @@ problem of its kind (a caption with no sentence scores 0 on each):
                a contradiction of an earlier claim (a second shape/colour/size/region/label
                for one object, a second number for one count, a second background, a relation
                and its reverse); a new entity that grounds to no object.
+`details` also counts the claims restated and flags a "degenerate" caption (a repeated
+sentence, a restated claim or a contradiction), whose share the demo reports. The hack battery
+(tests/rl/test_capworld_hacks.py) attacks these rules with repeats to length, commentary
+padding, self-contradiction, bare attribute lists, one wrong attribute, empty and one-word
+captions and ten-fold repetition: each must score below honest captions, on the component a
+reader would blame.
 
 What each CapWorld flaw (`flaws.FLAW_TYPES`) does, as the tests check it on captions that
 differ from a reference by that flaw alone (= unchanged, 1 when nothing else is wrong):
@@ -349,7 +364,7 @@ def fluency(reading: Reading) -> tuple[float, list[str]]:
     words = len(sentence.text.split())
     if clauses > MAX_CLAUSES or claims > MAX_CLAIMS or words > MAX_WORDS:
       problems[i].append(f"run-on: {clauses} clauses, {claims} claims, {words} words")
-  return _report(problems, len(reading.parsed.sentences))
+  return _report(problems, reading)
 
 
 def clarity(reading: Reading, grounding: Sequence[int | None]) -> tuple[float, list[str]]:
@@ -365,13 +380,19 @@ def clarity(reading: Reading, grounding: Sequence[int | None]) -> tuple[float, l
               for e in fits}
     if len(things) > 1:
       problems[i].append(f"ambiguous reference: fits entities {list(fits)}")
-  return _report(problems, len(reading.parsed.sentences))
+  return _report(problems, reading)
 
 
 def _subject_key(entity: int | None, grounding: Sequence[int | None]) -> Any:
   if entity is None:
     return None
   return ("object", grounding[entity]) if grounding[entity] is not None else ("entity", entity)
+
+
+def _said_as(claim: Fact, grounding: Sequence[int | None]) -> tuple:
+  """What a claim says about the scene: claims with the same key state the same thing."""
+  return (claim.kind, _subject_key(claim.subject, grounding), claim.value,
+          _subject_key(claim.other, grounding), claim.shape, claim.colour)
 
 
 def coherence(reading: Reading, grounding: Sequence[int | None]) -> tuple[float, list[str]]:
@@ -389,7 +410,7 @@ def coherence(reading: Reading, grounding: Sequence[int | None]) -> tuple[float,
   for claim, i in zip(reading.parsed.claims, claim_sentence):
     subject = _subject_key(claim.subject, grounding)
     other = _subject_key(claim.other, grounding)
-    said_as = (claim.kind, subject, claim.value, other, claim.shape, claim.colour)
+    said_as = _said_as(claim, grounding)
     if said_as in said and not problems[i]:  # one note is enough for a repeated sentence
       problems[i].append(f"restates {_describe(claim, reading)}")
     said.add(said_as)
@@ -410,15 +431,28 @@ def coherence(reading: Reading, grounding: Sequence[int | None]) -> tuple[float,
   for entity, i in enumerate(reading.introduced_in):
     if grounding[entity] is None:
       problems[i].append(f"{_entity_name(reading, entity)} is no object of the scene")
-  return _report(problems, len(reading.parsed.sentences))
+  score, listed = _report(problems, reading)
+  contradictions = sum(p.startswith("contradicts") for found in problems.values() for p in found)
+  return score * 0.5 ** contradictions, listed
 
 
-def _report(problems: dict[int, list[str]], num_sentences: int) -> tuple[float, list[str]]:
-  """(fraction of sentences without a problem, the problems as text)."""
+def _report(problems: dict[int, list[str]], reading: Reading) -> tuple[float, list[str]]:
+  """((1 - share of the caption's words in sentences with a problem)^2, the problems as text);
+  0 for a caption without sentences."""
   problems = {i: p for i, p in problems.items() if p}
   listed = [f"sentence {i}: {p}" for i in sorted(problems) for p in problems[i]]
-  score = (num_sentences - len(problems)) / num_sentences if num_sentences else 0.0
-  return score, listed
+  words = [max(len(s.text.split()), 1) for s in reading.parsed.sentences]
+  if not words:
+    return 0.0, listed
+  share = sum(words[i] for i in problems) / sum(words)
+  return (1.0 - share) ** 2, listed
+
+
+def degenerate(problems: Sequence[str]) -> bool:
+  """Whether coherence found a repeated sentence, a restated claim or a contradiction: the
+  patterns of a policy gaming the judge (the demo reports their share)."""
+  return any(marker in p for p in problems
+             for marker in ("repeats sentence", "restates", "contradicts"))
 
 
 # --- Readable claims and facts for details. ---
@@ -529,8 +563,12 @@ class CapWorldJudge:
                                 reading.introduced_in)
     grounded = [_grounded(c, grounding) for c in claims]
     verified = [_holds(f, facts) for f in grounded]
-    num_assertions = len(claims) + len(parsed.spans)
-    judgement.precision = sum(verified) / num_assertions if num_assertions else 0.0
+    distinct: dict[tuple, bool] = {}  # a claim said again is one assertion
+    for claim, ok in zip(claims, verified):
+      key = _said_as(claim, grounding)
+      distinct[key] = distinct.get(key, False) or ok
+    num_assertions = len(distinct) + len(parsed.spans)
+    judgement.precision = sum(distinct.values()) / num_assertions if num_assertions else 0.0
 
     covered = example.units & _coverable([f for f, ok in zip(grounded, verified) if ok])
     if example.units:
@@ -538,20 +576,23 @@ class CapWorldJudge:
     else:
       judgement.fail("recall", "no_reference")
 
-    scores, problems = {}, []
+    scores, problems, incoherent = {}, [], []
     for rule, (score, found) in (("fluency", fluency(reading)),
                                  ("clarity", clarity(reading, grounding)),
                                  ("coherence", coherence(reading, grounding))):
       scores[rule] = score
       problems += [f"{rule}: {p}" for p in found]
-    judgement.linguistic = sum(scores.values()) / len(scores)
+      incoherent = found if rule == "coherence" else incoherent
+    judgement.linguistic = (scores["fluency"] * scores["clarity"] * scores["coherence"]) ** (1 / 3)
 
     failed = [_describe(c, reading) for c, ok in zip(claims, verified) if not ok]
     failed += [f'{s.kind} "{s.text}"' for s in parsed.spans]
     missed = sorted(example.units - covered, key=_fact_order)
     judgement.details = {
         "assertions": num_assertions,
-        "verified": sum(verified),
+        "verified": sum(distinct.values()),
+        "restated": len(claims) - len(distinct),
+        "degenerate": degenerate(incoherent),
         "non_pointable": sum(s.kind == "meta" for s in parsed.spans),
         "unverifiable": sum(s.kind != "meta" for s in parsed.spans),
         "units": len(example.units),
