@@ -30,8 +30,8 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
   """(metrics, example rows) for greedy captions of `source` (its first `num_examples`)."""
   if 0 <= num_examples < len(source):
     source = [source[i] for i in range(num_examples)]
-  sums = np.zeros(len(COMPONENTS) + 1)  # + caption words
-  counts = np.zeros(len(COMPONENTS) + 1)
+  sums = np.zeros(len(COMPONENTS) + 2)  # + caption words, + degenerate (judges that say)
+  counts = np.zeros(len(COMPONENTS) + 2)
   shown: list[dict[str, Any]] = []
   spec = None
   for batch in pipeline.eval_batches(source, batch_size=batch_size):
@@ -51,7 +51,8 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
     for i, caption in enumerate(captions):
       if not real[i]:
         continue
-      values = [rewards.components[c][i] for c in COMPONENTS] + [len(caption.split())]
+      values = [rewards.components[c][i] for c in COMPONENTS] + [
+          len(caption.split()), _degenerate(rewards.judgements[i])]
       for k, value in enumerate(values):
         if not math.isnan(value):
           sums[k] += value
@@ -65,12 +66,20 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
     sums, counts = gathered.sum(axis=0)
   means = sums / np.maximum(counts, 1)
   metrics = {name: float(means[k]) for k, name in enumerate(COMPONENTS)}
-  metrics["words"] = float(means[-1])
+  metrics["words"] = float(means[-2])
+  # The share of captions that repeat or contradict themselves, where the judge says so
+  # (CapWorldJudge); NaN otherwise.
+  metrics["degenerate"] = float(means[-1]) if counts[-1] else float("nan")
   metrics["b_capscore"] = float(functions.b_capscore(*(np.array([metrics[c]]) for c in
                                                        ("precision", "recall",
                                                         "linguistic")))[0])
   metrics["examples"] = float(counts[0])
   return metrics, shown
+
+
+def _degenerate(judgement) -> float:
+  flag = (judgement.details or {}).get("degenerate")
+  return float("nan") if flag is None else float(flag)
 
 
 def _judged(reward: functions.JudgeReward, examples: list[dict], captions: list[str]):
@@ -82,7 +91,7 @@ def score_captions(reward: functions.JudgeReward, examples: list[dict], captions
   """b-CapScore of given captions (one per example, any model's): the means evaluate() reports,
   and one row per caption. A component the judge could not score (NaN) is left out of its
   mean and counted in `unscored`."""
-  rows, values = [], {c: [] for c in COMPONENTS}
+  rows, values, flags = [], {c: [] for c in COMPONENTS}, []
   for start in range(0, len(captions), 64):  # the judge's batches
     part = slice(start, start + 64)
     rewards = _judged(reward, examples[part], captions[part])
@@ -94,12 +103,17 @@ def score_captions(reward: functions.JudgeReward, examples: list[dict], captions
         row[c] = None if math.isnan(value) else value
         if row[c] is not None:
           values[c].append(value)
+      flag = _degenerate(rewards.judgements[i])
+      if not math.isnan(flag):
+        row["degenerate"] = bool(flag)
+        flags.append(flag)
       rows.append(row)
   means = {c: float(np.mean(v)) if v else float("nan") for c, v in values.items()}
   summary: dict[str, Any] = {
       **means, "b_capscore": float(functions.b_capscore(*(np.array([means[c]]) for c in (
           "precision", "recall", "linguistic")))[0]),
-      "scored": len(rows), "unscored": {c: len(rows) - len(v) for c, v in values.items()}}
+      "scored": len(rows), "unscored": {c: len(rows) - len(v) for c, v in values.items()},
+      "degenerate": float(np.mean(flags)) if flags else None}
   return summary, rows
 
 
@@ -124,6 +138,8 @@ def table(before: dict[str, float], after: dict[str, float]) -> str:
   """The before/after table, as printed at the end of a run."""
   rows = [("precision", 3), ("recall", 3), ("linguistic", 3), ("b_capscore", 1),
           ("length_ratio", 2), ("words", 1)]
+  if not math.isnan(before.get("degenerate", math.nan)):
+    rows.append(("degenerate", 2))  # share of captions repeating or contradicting themselves
   lines = [f"{'':14s}{'SFT':>10s}{'after RL':>10s}{'change':>10s}"]
   for name, digits in rows:
     lines.append(f"{name:14s}{before[name]:10.{digits}f}{after[name]:10.{digits}f}"
