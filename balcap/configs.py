@@ -191,7 +191,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.judge.cache_path = ""     # sqlite reply cache; "" = <workdir>/eval/judge_cache.sqlite
 
   # Mode `export`: a run's trained params as an HF folder (weights, config, tokenizer files)
-  # that transformers loads and vLLM serves.
+  # that transformers loads (the layout vLLM reads; not tested with vLLM here).
   c.export = ml_collections.ConfigDict()
   c.export.run = ""           # the train/sft workdir to read; "" = --workdir
   c.export.stage = "latest"   # latest (rl, else sft) | sft | rl

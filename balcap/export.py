@@ -1,4 +1,4 @@
-"""Mode `export`: a run's trained params as an HF folder that transformers loads and vLLM serves.
+"""Mode `export`: a run's trained params as an HF folder that transformers loads (vLLM's layout).
 
     python -m balcap.main --config=configs/qwen7b.py:mode=export --workdir=runs/qwen7b
     python -m balcap.main --config=configs/qwen7b.py:mode=export --config.export.run=runs/x \
