@@ -3,7 +3,8 @@
     python -m balcap.main --config=configs/qwen7b.py:hardware=tpu \
         --config.model.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct --workdir=gs://bucket/runs/7b
 
-`hardware`: `tpu` (a TPU v5e / v4 pod slice: every chip one FSDP shard) or `gpu8` (one host
+`hardware`: `tpu` (a TPU v5e / v4 pod slice: weights split 4 ways over `tensor`, FSDP over
+the rest of the chips) or `gpu8` (one host
 with 8 GPUs: FSDP over 8, tensor parallel for decoding speed off) or `cpu` (smoke tests).
 The architecture below is checked against the checkpoint's config.json when both are given.
 RL settings: `configs.paper_rl_settings` (G 8, 128 prompts, lr 1e-6, clip 0.2/0.28, no KL,
@@ -39,10 +40,10 @@ def get_config(arg=None):
   }
   c.mesh = configs.mesh_preset(arg.hardware)
   if arg.hardware == "tpu":
-    # 16 GiB chips with every chip one FSDP shard: the decoder's bf16 weights (15.2 GB) cannot
-    # be gathered on each chip for sampling (the Qwen 7B's sampler would need 22.8 GiB), so
-    # decode steps gather them from the FSDP shards (qwen7b on a v5e-64: sampler 11.1 GiB,
-    # 48 ms per decode step at the roofline). --config.mesh.fsdp=16 --config.mesh.tensor=4
-    # with gather_weights=True samples in 4.9 GiB at 20 ms per step (README, compile report).
-    c.sampling.gather_weights = False
+    # 16 GiB chips: with every chip one FSDP shard the decoder's bf16 weights (15.2 GB) cannot
+    # be gathered on each chip for sampling. Split four ways over `tensor` they can, and every
+    # program fits with room (v5e-64, fsdp 16 x tensor 4, per chip: sample 4.93 GiB, score
+    # 1.59, update 6.27 of 16). Roofline per RL step ~17 s (decode 19.6 ms x 512 + score 1.1 s +
+    # update 5.7 s) against ~30 s at fsdp 64 (48 ms x 512 + 1.0 + 4.7). README, compile report.
+    c.mesh.tensor = 4
   return configs.paper_rl_settings(c)
