@@ -4,8 +4,8 @@
         --config.model.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct --workdir=gs://bucket/runs/7b
 
 `hardware`: `tpu` (a TPU v5e / v4 pod slice: weights split 4 ways over `tensor`, FSDP over
-the rest of the chips) or `gpu8` (one host
-with 8 GPUs: FSDP over 8, tensor parallel for decoding speed off) or `cpu` (smoke tests).
+the rest of the chips) or `gpu8` (one host with 8 GPUs: FSDP over 8, tensor parallel for
+decoding speed off) or `cpu` (smoke tests).
 The architecture below is checked against the checkpoint's config.json when both are given.
 RL settings: `configs.paper_rl_settings` (G 8, 128 prompts, lr 1e-6, clip 0.2/0.28, no KL,
 512 new tokens, an OpenAI-compatible judge): set `--config.rewards.openai.base_url=` and
