@@ -32,6 +32,20 @@ from balcap.evals import captioning
 Row = tuple[Any, Any]
 
 
+def read_image(load) -> Image.Image | str:
+  """`load()`'s RGB image, or why it could not be read (the row's error)."""
+  try:
+    return load().convert("RGB")
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    # (PIL raises SyntaxError for some broken files, e.g. a PNG with a bad chunk.)
+    return f"cannot read image: {e}"
+
+
+def open_file(path: str) -> Image.Image:
+  with Image.open(path) as image:
+    return image.convert("RGB")
+
+
 def _image_batches(paths: list[str], batch_size: int, per_host: int) -> Iterator[list[Row]]:
   """This host's images in full batches: `ceil(per_host / batch_size)` of them on every host
   (short ones padded with id None), so each batch divides over the data shards and every host
@@ -39,12 +53,7 @@ def _image_batches(paths: list[str], batch_size: int, per_host: int) -> Iterator
   for start in range(0, -(-per_host // batch_size) * batch_size, batch_size):
     batch: list[Row] = []
     for path in paths[start:start + batch_size]:
-      try:
-        with Image.open(path) as image:
-          batch.append((path, image.convert("RGB")))
-      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        # (PIL raises SyntaxError for some broken files, e.g. a PNG with a bad chunk.)
-        batch.append((path, f"cannot read image: {e}"))
+      batch.append((path, read_image(lambda path=path: open_file(path))))
     yield batch + [(None, None)] * (batch_size - len(batch))
 
 

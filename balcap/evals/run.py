@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -67,15 +68,16 @@ def run(config, workdir: str) -> dict[str, Any]:
     for name in e.benchmarks:
       started = time.time()
       summary, rows, texts = _score(name, config, workdir, data, captions, backend, policy)
+      seconds = time.time() - started
       result = {
           "benchmark": name, "score": summary.get(report.MAIN_SCORE[name]), **summary,
           "captioner": captioner,
           "judge": _judge_record(config, name),
           "caption_length": caption_length(texts, tokenizer),
-          "seconds": round(time.time() - started, 2),
-          "seconds_per_caption": round((time.time() - started) / max(len(texts), 1), 4)}
-      _write(out, name, result, rows)
+          "seconds": round(seconds, 2),
+          "seconds_per_caption": round(seconds / max(len(texts), 1), 4)}
       results[name] = _plain(result)
+      _write(out, name, results[name], rows)
       print(f"eval: {name} {report.format_score(result)} on {len(texts)} captions in "
             f"{result['seconds']:.1f}s -> {out}/{name}.json", flush=True)
   finally:
@@ -189,7 +191,7 @@ def _make_captions(policy, config, data, out: str, captioner: dict) -> dict:
     with open(path, "a", encoding="utf-8") as f:
       for number, start in enumerate(range(0, len(needed), batch_size)):
         chunk = needed[start:start + batch_size]
-        rows = [(n, _open(n)) for n in chunk]
+        rows = [(n, caption.read_image(n.image)) for n in chunk]
         rows += [(None, None)] * (batch_size - len(rows))
         made = caption.caption_rows(policy, caption.sampler_images(rows), config,
                                     jax.random.fold_in(rng, number))
@@ -206,20 +208,6 @@ def _make_captions(policy, config, data, out: str, captioner: dict) -> dict:
   return {k: c for k, c in captions.items() if c is not None}
 
 
-def _open(needed: Needed):
-  try:
-    return needed.image()
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    return f"cannot read image: {e}"
-
-
-def _from_file(path: str) -> Callable[[], Image.Image]:
-  def load():
-    with Image.open(path) as image:
-      return image.convert("RGB")
-  return load
-
-
 def _needed(config, data) -> Iterator[Needed]:
   """The images of every benchmark run, each once per benchmark that scores it."""
   for name, items in data.items():
@@ -229,13 +217,13 @@ def _needed(config, data) -> Iterator[Needed]:
             np.asarray(a)))
     else:
       for item in items:
-        yield Needed(name, item.id, _from_file(item.image_path))
+        yield Needed(name, item.id, functools.partial(caption.open_file, item.image_path))
 
 
 # --- data, judge, scoring ------------------------------------------------------------------------
 
 
-def _limit(items: list, n: int) -> list:
+def _limit(items, n: int):
   return items if n < 0 else items[:n]
 
 
@@ -250,11 +238,10 @@ def _benchmark_data(config) -> dict[str, list]:
       load, folder = loaders[name]
       data[name] = _limit(load(folder), e.num_examples)
   if "capscore" in e.benchmarks:  # (classic then also scores against its references)
-    from balcap.data import datasets  # pylint: disable=import-outside-toplevel
+    from balcap.data import datasets, pipeline  # pylint: disable=import-outside-toplevel
     split = datasets.open_split(datasets.prepare(config.data), config.data.test_split)
-    count = len(split) if e.num_examples < 0 else min(e.num_examples, len(split))
-    from balcap.data import pipeline  # pylint: disable=import-outside-toplevel
-    data["capscore"] = [pipeline.decode_strings(split[i]) for i in range(count)]
+    data["capscore"] = [pipeline.decode_strings(split[i])
+                        for i in _limit(range(len(split)), e.num_examples)]
   return data
 
 
@@ -364,7 +351,7 @@ def _plain(value: Any) -> Any:
 
 def _write(out: str, name: str, result: dict, rows: list[dict]) -> None:
   with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
-    json.dump(_plain(result), f, indent=2, allow_nan=False)
+    json.dump(result, f, indent=2, allow_nan=False)
   with open(os.path.join(out, f"{name}.jsonl"), "w", encoding="utf-8") as f:
     for row in rows:
       f.write(json.dumps(_plain(row), allow_nan=False) + "\n")
