@@ -37,11 +37,13 @@ def test_demo_command_runs_every_stage_and_a_second_run_redoes_nothing(tmp_path)
   assert "[2/5] SFT: 3/3 steps on sft_caption captions" in out
   assert "[3/5] evaluation before RL on 4 test examples" in out
   assert "[4/5] RL (c_gdpo, judge capworld): 2/2 steps" in out
-  for row in ("precision", "recall", "linguistic", "b_capscore", "length_ratio", "degenerate"):
+  for row in ("precision", "recall", "linguistic", "b_capscore", "length_ratio", "degenerate",
+              "b_capscore se"):
     assert row in out.split("[5/5]")[1]
   summary = json.loads((workdir / "eval.json").read_text())
   assert 0 <= summary["after"]["degenerate"] <= 1  # CapWorldJudge flags repeats, contradictions
   assert summary["before"]["examples"] == summary["after"]["examples"] == 4
+  assert len(summary["after"]["per_image"]["recall"]) == 4  # for the change's standard error
   assert len(summary["examples"]["after"]) == 2
   assert sorted(os.listdir(workdir / "sft" / "checkpoints")) == ["2", "3"]
   assert sorted(os.listdir(workdir / "rl" / "checkpoints")) == ["2"]

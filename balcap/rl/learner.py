@@ -274,7 +274,7 @@ class RLStep:
                                              parallel.host_local(advantages))
     if config.rl.eval_every and step % config.rl.eval_every == 0 and self.eval_source:
       eval_metrics, _ = self.evaluate(state["params"], config.rl.eval_examples)
-      metrics.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+      metrics.update({f"eval/{k}": v for k, v in eval_metrics.items() if k != "per_image"})
     return state, metrics
 
   def _sample_table(self, step, samples, rewards, advantages, rows: int = 8) -> dict[str, str]:

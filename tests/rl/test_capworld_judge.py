@@ -369,6 +369,16 @@ def test_one_true_and_one_false_claim_is_half_precise():
   assert j.recall == pytest.approx(1 / 10) and j.linguistic == 1.0
 
 
+def test_claims_are_counted_by_kind_once_each():
+  j = _judge("There are two objects on a cream background. A large red circle is in the top "
+             "left. A small green square is in the top left. A large red circle is in the top "
+             "left.", SCENE, [REFERENCE])
+  # The square's colour and region are wrong; the repeated sentence restates, counted once.
+  assert j.details["by_kind"] == {"count": [1, 1], "background": [1, 1], "object": [2, 2],
+                                  "size": [2, 2], "colour": [2, 1], "region": [2, 1]}
+  assert j.details["restated"] == 4
+
+
 def test_contradictory_colours_are_false_and_incoherent():
   j = _judge("There is a red circle. The red circle is blue.", SCENE, [REFERENCE])
   assert j.precision == pytest.approx(2 / 3)

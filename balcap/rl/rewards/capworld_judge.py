@@ -57,8 +57,10 @@ caption untrustworthy). A caption with no sentence scores 0. The problems:
                a contradiction of an earlier claim (a second shape/colour/size/region/label
                for one object, a second number for one count, a second background, a relation
                and its reverse); a new entity that grounds to no object.
-`details` also counts the claims restated and flags a "degenerate" caption (a repeated
-sentence, a restated claim or a contradiction), whose share the demo reports. The hack battery
+`details` also counts the claims restated, the distinct claims and verified ones of each kind
+(`by_kind`: which attributes a captioner reads right, e.g. colours but not regions), and flags
+a "degenerate" caption (a repeated sentence, a restated claim or a contradiction), whose share
+the demo reports. The hack battery
 (tests/rl/test_capworld_hacks.py) attacks these rules with repeats to length, commentary
 padding, self-contradiction, bare attribute lists, one wrong attribute, empty and one-word
 captions and ten-fold repetition: each must score below honest captions, on the component a
@@ -567,6 +569,11 @@ class CapWorldJudge:
     for claim, ok in zip(claims, verified):
       key = _said_as(claim, grounding)
       distinct[key] = distinct.get(key, False) or ok
+    by_kind: dict[str, list[int]] = {}  # kind -> [distinct claims, verified]: what it reads
+    for key, ok in distinct.items():
+      counts = by_kind.setdefault(key[0], [0, 0])
+      counts[0] += 1
+      counts[1] += int(ok)
     num_assertions = len(distinct) + len(parsed.spans)
     judgement.precision = sum(distinct.values()) / num_assertions if num_assertions else 0.0
 
@@ -592,6 +599,7 @@ class CapWorldJudge:
         "assertions": num_assertions,
         "verified": sum(distinct.values()),
         "restated": len(claims) - len(distinct),
+        "by_kind": by_kind,
         "degenerate": degenerate(incoherent),
         "non_pointable": sum(s.kind == "meta" for s in parsed.spans),
         "unverifiable": sum(s.kind != "meta" for s in parsed.spans),
