@@ -67,8 +67,8 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
     for i, caption in enumerate(captions):
       if not real[i]:
         continue
-      for kind, counts in ((rewards.judgements[i].details or {}).get("by_kind") or {}).items():
-        by_kind[kind] = by_kind.get(kind, np.zeros(2)) + np.asarray(counts, np.float64)
+      for kind, said in ((rewards.judgements[i].details or {}).get("by_kind") or {}).items():
+        by_kind[kind] = by_kind.get(kind, np.zeros(2)) + np.asarray(said, np.float64)
       values = [rewards.components[c][i] for c in COMPONENTS] + [
           len(caption.split()), _degenerate(rewards.judgements[i])]
       for k, value in enumerate(values):
