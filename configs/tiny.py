@@ -28,7 +28,9 @@ def get_config(arg=None):
   # loss with them through 400 SFT steps); at 224 px it starts after ~300.
   c.data.capworld.num_train = 4_000
   c.data.capworld.num_validation = 100
-  c.data.capworld.num_test = 100
+  # 500 test images: the before/after table's b-CapScore then has a standard error of about
+  # one point (the table prints it, and the paired one of the change).
+  c.data.capworld.num_test = 500
   c.data.capworld.image_sizes = ((224, 224),)
   c.data.capworld.max_objects = 2
   c.data.read_threads = 2  # this is a 2-core machine
@@ -82,10 +84,17 @@ def get_config(arg=None):
   c.rl.optimizer.warmup_steps = 5
   c.rl.optimizer.learning_rate_multipliers = vision_rates
   c.rl.sample_table_every = 20
-  c.rl.final_eval_examples = 100
+  c.rl.final_eval_examples = -1  # the whole test split
   c.rewards.judge = "capworld"
+  # GDPO's reward conditioning: precision pays only when recall >= 0.3 (about the SFT policy's
+  # mean). Unconditioned, RL buys precision by saying less (seed 0: precision +0.49, recall
+  # -0.14, b-CapScore +3.2); conditioned, a caption too thin to cover the scene earns no
+  # precision, and both rise (seed 0: precision +0.09, recall +0.02, b-CapScore +7.7).
+  c.advantage.conditioned = "precision"
+  c.advantage.condition_on = "recall"
+  c.advantage.condition_threshold = 0.3
 
-  c.batch_size = 16  # mode caption
+  c.batch_size = 64  # mode caption and the before/after evaluations
   c.checkpoint.every_steps = 50
   c.checkpoint.keep = 2
   c.metrics.log_every_steps = 10
