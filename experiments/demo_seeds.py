@@ -6,11 +6,12 @@
 
 Runs `python -m balcap.main --config=configs/tiny.py --config.seed=S` once per seed, each in
 `<workdir>/seed<S>` (running the script again resumes unfinished seeds and reuses finished
-ones), then prints one before/after table per seed, the mean and standard deviation over
-seeds of every row, the stage times, and which of the demo's targets each seed meets
-(`TARGETS`, the bar issue 13 set: the b-CapScore gain, precision and recall both up,
-linguistic not down, length ratio in band, few degenerate captions, the wall time). The
-summary is also written to `<workdir>/summary.md` and `<workdir>/summary.json`.
+ones), then prints one table: each row's SFT -> after-RL values per seed, the mean and
+standard deviation over seeds of its change, the stage times, and which of the demo's
+targets each seed misses (`TARGETS`, the bar issue 13 set: the b-CapScore gain, precision
+and recall both up, linguistic not down, length ratio in band, few degenerate captions, the
+wall time). The summary is also written to `<workdir>/summary.md` and
+`<workdir>/summary.json`.
 
 One seed at a time: the demo uses every core.
 """

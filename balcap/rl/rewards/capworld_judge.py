@@ -60,11 +60,10 @@ caption untrustworthy). A caption with no sentence scores 0. The problems:
 `details` also counts the claims restated, the distinct claims and verified ones of each kind
 (`by_kind`: which attributes a captioner reads right, e.g. colours but not regions), and flags
 a "degenerate" caption (a repeated sentence, a restated claim or a contradiction), whose share
-the demo reports. The hack battery
-(tests/rl/test_capworld_hacks.py) attacks these rules with repeats to length, commentary
-padding, self-contradiction, bare attribute lists, one wrong attribute, empty and one-word
-captions and ten-fold repetition: each must score below honest captions, on the component a
-reader would blame.
+the demo reports. The hack battery (tests/rl/test_capworld_hacks.py) attacks these rules
+with repeats to length, commentary padding, self-contradiction, bare attribute lists, one
+wrong attribute, empty and one-word captions and ten-fold repetition: each must score below
+honest captions, on the component a reader would blame.
 
 What each CapWorld flaw (`flaws.FLAW_TYPES`) does, as the tests check it on captions that
 differ from a reference by that flaw alone (= unchanged, 1 when nothing else is wrong):
