@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.target = "sft_caption"    # the caption to learn: sft_caption (CapWorld) | reference
   c.sft.max_length = 320          # tokens per chat (prompt + caption); longer ones are cut
   c.sft.optimizer = _optimizer_section(learning_rate=1e-5, warmup_steps=0)
+  # CapWorld only: an auxiliary loss that makes the image tokens' hidden states tell the shape,
+  # colour, row and column under them (`balcap.grounding`); 0 = off.
+  c.sft.grounding_weight = 0.0
+  c.sft.grounding_layer = -1      # the language-model layer it reads; -1 = the middle one
 
   # RL (mode train): c-GDPO by default, see config.rewards and config.advantage.
   c.rl = ml_collections.ConfigDict()
@@ -734,6 +738,9 @@ def _training_problems(config) -> list[str]:
   if config.sft.target == "sft_caption" and config.data.name != "capworld" and (
       config.sft.num_steps > 0) and config.mode in ("sft", "train"):
     problems.append("config.sft.target='sft_caption' exists only in CapWorld; use 'reference'")
+  if config.sft.num_steps > 0 and config.mode in ("sft", "train"):
+    from balcap import grounding
+    problems.extend(grounding.check_config(config))
   rl = config.rl
   if rl.num_steps > 0:
     rows = rl.batch_size * rl.group_size

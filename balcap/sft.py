@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from balcap import loop, optim, parallel, train_state
+from balcap import grounding, loop, optim, parallel, train_state
 from balcap.data import datasets, pipeline
 
 log = logging.getLogger(__name__)
@@ -73,22 +73,52 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Arra
   return -jnp.sum(jnp.where(mask, picked, 0.0)), jnp.sum(mask)
 
 
-def make_step(module, optimizer: optax.GradientTransformation, mesh):
-  """The jitted SFT step: (state, inputs) -> (state, metrics), state donated."""
+@dataclasses.dataclass(frozen=True)
+class Grounding:
+  """The auxiliary grounding loss's settings (`balcap.grounding`)."""
+  weight: float
+  layer: int
+  classes: tuple[tuple[str, int], ...]
+  optimizer: optax.GradientTransformation
+
+
+def make_step(module, optimizer: optax.GradientTransformation, mesh,
+              grounding_loss: Grounding | None = None):
+  """The jitted SFT step: (state, inputs) -> (state, metrics), state donated. With
+  `grounding_loss`, state["grounding"] holds the head's params and optimizer state."""
 
   def step(state, inputs):
-    def loss_fn(params):
-      logits = module.apply({"params": params},
-                            **{k: inputs[k] for k in MODEL_INPUTS if k in inputs})
+    def loss_fn(params, head):
+      model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
+      if grounding_loss is None:
+        logits = module.apply({"params": params}, **model_inputs)
+      else:
+        logits, captured = module.apply(
+            {"params": params}, **model_inputs, mutable=["intermediates"],
+            capture_intermediates=grounding.capture_filter(grounding_loss.layer))
       total, count = next_token_loss(logits, inputs["input_ids"], inputs["loss_mask"])
-      return total / jnp.maximum(count, 1), count
+      caption_loss = total / jnp.maximum(count, 1)
+      aux = {"sft/loss": caption_loss, "sft/tokens": count.astype(jnp.float32)}
+      if grounding_loss is None:
+        return caption_loss, aux
+      hidden = grounding.captured_hidden(captured, grounding_loss.layer)
+      extra, extra_metrics = grounding.loss(hidden, head, inputs,
+                                            dict(grounding_loss.classes))
+      return caption_loss + grounding_loss.weight * extra, dict(aux, **extra_metrics)
 
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    head = state["grounding"]["params"] if grounding_loss is not None else None
+    (_, metrics), (grads, head_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state["params"], head)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optim.apply_updates(state["params"], updates)
-    metrics = {"sft/loss": loss, "sft/tokens": count.astype(jnp.float32),
-               "sft/grad_norm": optim.grad_norm(grads)}
-    return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
+    metrics["sft/grad_norm"] = optim.grad_norm(grads)
+    new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+    if grounding_loss is not None:
+      head_updates, head_opt = grounding_loss.optimizer.update(
+          head_grads, state["grounding"]["opt_state"], head)
+      new_state["grounding"] = {"params": optim.apply_updates(head, head_updates),
+                                "opt_state": head_opt}
+    return new_state, metrics
 
   return parallel.OnMesh(jax.jit(step, donate_argnums=0), mesh)
 
@@ -112,12 +142,30 @@ def run(config, workdir: str, policy=None) -> loop.LoopResult:
   iterator = pipeline.train_iterator(
       source, batch_size=parallel.host_batch_size(sft.batch_size), seed=config.seed,
       read_threads=config.data.read_threads, prefetch_batches=config.data.prefetch_batches)
-  update = make_step(policy.module, optimizer, mesh)
+  state = train_state.initial_state(policy, optimizer, config.seed)
+  grounding_loss = None
+  if sft.grounding_weight:
+    problems = grounding.check_config(config)
+    if problems:
+      raise ValueError("; ".join(problems))
+    classes = grounding.head_classes(config)
+    grounding_loss = Grounding(
+        weight=float(sft.grounding_weight), layer=grounding.layer_index(config),
+        classes=tuple(classes.items()),
+        optimizer=grounding.head_optimizer(optim.from_config(sft.optimizer), sft.num_steps))
+    head = grounding.init_head(policy.config.text.hidden_size, classes, mesh)
+    state["grounding"] = {"params": head,
+                          "opt_state": jax.jit(grounding_loss.optimizer.init)(head)}
+  update = make_step(policy.module, optimizer, mesh, grounding_loss)
 
   def step_fn(state, examples, step):
     del step
     inputs, cut = caption_chats(policy, examples, config.sampling.prompt, sft.target,
                                 sft.max_length)
+    if grounding_loss is not None:
+      inputs.update(grounding.host_inputs(
+          examples, inputs, policy.config.image_token_id,
+          policy.config.vision.spatial_merge_size, dict(grounding_loss.classes)))
     state, metrics = update(state, parallel.global_inputs(inputs, mesh))
     metrics["sft/cut_captions"] = cut
     return state, metrics
@@ -125,7 +173,7 @@ def run(config, workdir: str, policy=None) -> loop.LoopResult:
   loop_config = config.copy_and_resolve_references()
   loop_config.num_steps = sft.num_steps
   result = loop.run(workdir=workdir, config=loop_config,
-                    state=train_state.initial_state(policy, optimizer, config.seed),
+                    state=state,
                     data_iterator=iterator, step_fn=step_fn, description="sft")
   policy.params = result.state["params"]  # the donated buffers are gone: hand over the new
   return result
