@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   # colour, row and column under them (`balcap.grounding`); 0 = off.
   c.sft.grounding_weight = 0.0
   c.sft.grounding_layer = -1      # the language-model layer it reads; -1 = the middle one
+  # Every N steps, the caption loss on a validation batch with true and with shuffled images:
+  # sft/image_gain says whether the policy reads the image (`sft.ImageGain`); 0 = off.
+  c.sft.image_gain_every = 0
 
   # RL (mode train): c-GDPO by default, see config.rewards and config.advantage.
   c.rl = ml_collections.ConfigDict()
@@ -741,6 +744,11 @@ def _training_problems(config) -> list[str]:
   if config.sft.num_steps > 0 and config.mode in ("sft", "train"):
     from balcap import grounding
     problems.extend(grounding.check_config(config))
+  every = config.sft.image_gain_every
+  if every < 0 or every % config.metrics.log_every_steps:
+    problems.append(f"config.sft.image_gain_every={every}: use 0 (off) or a multiple of "
+                    f"config.metrics.log_every_steps={config.metrics.log_every_steps} (the "
+                    "steps whose metrics are written)")
   rl = config.rl
   if rl.num_steps > 0:
     rows = rl.batch_size * rl.group_size
