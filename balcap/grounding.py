@@ -101,14 +101,15 @@ def host_inputs(examples: dict[str, Any], chats: dict[str, np.ndarray], image_to
   return out
 
 
-def head_classes(config) -> dict[str, int]:
-  """Classes per field; rows and columns up to the largest image CapWorld draws."""
-  merge = 14 * 2  # Qwen2.5-VL: a merged token covers 28 x 28 pixels
+def head_classes(config, vision) -> dict[str, int]:
+  """Classes per field; rows and columns up to the largest image CapWorld draws (a larger one
+  is only ever resized down, by max_pixels). `vision`: the policy's vision config."""
+  cell = vision.patch_size * vision.spatial_merge_size  # pixels per merged token's side
   sizes = config.data.capworld.image_sizes
-  grid_h = max(-(-h // merge) for _, h in sizes)
-  grid_w = max(-(-w // merge) for w, _ in sizes)
-  # Larger images may be resized down by max_pixels: never more rows than the largest grid.
-  return labels_lib.num_classes(grid_h, grid_w)
+  # Qwen's resize rounds each side to the nearest multiple of `cell`.
+  grid_h = max(round(h / cell) for _, h in sizes)
+  grid_w = max(round(w / cell) for w, _ in sizes)
+  return labels_lib.num_classes(max(grid_h, 1), max(grid_w, 1))
 
 
 def init_head(hidden_size: int, classes: dict[str, int], mesh) -> dict[str, Any]:

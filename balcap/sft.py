@@ -197,7 +197,7 @@ def run(config, workdir: str, policy=None) -> loop.LoopResult:
     problems = grounding.check_config(config)
     if problems:
       raise ValueError("; ".join(problems))
-    classes = grounding.head_classes(config)
+    classes = grounding.head_classes(config, policy.config.vision)
     grounding_loss = Grounding(
         weight=float(sft.grounding_weight), layer=grounding.layer_index(config),
         classes=tuple(classes.items()),

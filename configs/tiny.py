@@ -74,6 +74,8 @@ def get_config(arg=None):
   # (its loss with the images shuffled stays equal to its loss with them).
   vision_rates = (("^visual/merger/", 1.0), ("^visual/", 0.01))
   c.sft.optimizer.learning_rate_multipliers = vision_rates
+  # Whether the policy reads the image: sft/image_gain in workdir/sft/metrics.jsonl (README).
+  c.sft.image_gain_every = 100
 
   c.rl.num_steps = 120
   c.rl.batch_size = 8

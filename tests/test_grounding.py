@@ -56,7 +56,7 @@ def demo_batch(capworld_builder):
   source = datasets.open_split(capworld_builder, "train")
   examples = next(pipeline.eval_batches(source, batch_size=4))
   inputs, _ = sft.caption_chats(policy, examples, config.sampling.prompt, "sft_caption", 256)
-  classes = grounding.head_classes(config)
+  classes = grounding.head_classes(config, policy.config.vision)
   inputs.update(grounding.host_inputs(examples, inputs, policy.config.image_token_id,
                                       policy.config.vision.spatial_merge_size, classes))
   return config, policy, inputs, classes
@@ -81,34 +81,37 @@ def test_sft_step_trains_the_head_and_sends_its_gradient_into_the_policy(demo_ba
   optimizer = optim.make_optimizer(sft_optimizer, total_steps=100)
 
   def run(weight, steps):
-    setting = sft.Grounding(weight=weight, layer=grounding.layer_index(config),
-                            classes=tuple(classes.items()),
-                            optimizer=grounding.head_optimizer(sft_optimizer, 100))
+    """The states after each of `steps` steps (weight None: no grounding loss at all)."""
+    setting = None if weight is None else sft.Grounding(
+        weight=weight, layer=grounding.layer_index(config), classes=tuple(classes.items()),
+        optimizer=grounding.head_optimizer(sft_optimizer, 100))
     state = train_state.initial_state(policy, optimizer, 0)
     state = jax.tree.map(jnp.copy, state)  # the step donates it; policy.params stay
-    head = grounding.init_head(policy.config.text.hidden_size, classes, None)
-    state["grounding"] = {"params": head, "opt_state": setting.optimizer.init(head)}
+    if setting is not None:
+      head = grounding.init_head(policy.config.text.hidden_size, classes, None)
+      state["grounding"] = {"params": head, "opt_state": setting.optimizer.init(head)}
     step = sft.make_step(policy.module, optimizer, None, setting)
-    history = []
+    states, history = [], []
     for _ in range(steps):
       state, metrics = step(state, inputs)
-      history.append(float(metrics["sft/grounding/loss"]))
-    return state, history
+      states.append(jax.tree.map(np.asarray, state["params"]["visual"]))
+      history.append(float(metrics.get("sft/grounding/loss", np.nan)))
+    return state, states, history
 
-  with_loss, history = run(1.0, 8)
-  # Two steps: the zero head passes no gradient back until its first update.
-  without, _ = run(0.0, 2)
-  once, _ = run(1.0, 2)
+  state, visual, history = run(1.0, 8)
+  _, plain_visual, _ = run(None, 2)
   assert history[0] == pytest.approx(np.mean(np.log(list(classes.values()))), rel=1e-5)
   assert history[-1] < history[0] - 0.3  # the head learns the labels of this batch
-  assert float(jnp.abs(with_loss["grounding"]["params"]["kernel"]).max()) > 0
-  # Weight 0: the head gets no gradient. Weight 1: the policy's params move differently.
-  assert float(jnp.abs(without["grounding"]["params"]["kernel"]).max()) == 0
-  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
-                                       once["params"]["visual"], without["params"]["visual"]))
-  assert max(moved) > 0
-  # The head rides in SFT's state (checkpointed with it); the policy's params are untouched.
-  assert sorted(once) == sorted(without) == ["grounding", "opt_state", "params", "rng", "step"]
+  assert float(jnp.abs(state["grounding"]["params"]["kernel"]).max()) > 0
+  # The zero head passes no gradient back until its first update: step 1 is plain SFT's,
+  # step 2 differs in the vision tower (the loss reaches through the LM into it).
+  moved = lambda a, b: max(jax.tree.leaves(jax.tree.map(  # noqa: E731
+      lambda x, y: float(np.abs(x - y).max()), a, b)))
+  assert moved(visual[0], plain_visual[0]) < 1e-8
+  assert moved(visual[1], plain_visual[1]) > 1e-6
+  # The head rides in SFT's state (checkpointed with it), outside the policy's params.
+  assert sorted(state) == ["grounding", "opt_state", "params", "rng", "step"]
+  assert "grounding" not in state["params"]
 
 
 def test_config_problems_name_the_field():
