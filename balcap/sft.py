@@ -202,9 +202,8 @@ def run(config, workdir: str, policy=None) -> loop.LoopResult:
         weight=float(sft.grounding_weight), layer=grounding.layer_index(config),
         classes=tuple(classes.items()),
         optimizer=grounding.head_optimizer(optim.from_config(sft.optimizer), sft.num_steps))
-    head = grounding.init_head(policy.config.text.hidden_size, classes, mesh)
-    state["grounding"] = {"params": head,
-                          "opt_state": jax.jit(grounding_loss.optimizer.init)(head)}
+    state["grounding"] = grounding.init_state(policy.config.text.hidden_size, classes,
+                                              grounding_loss.optimizer, mesh)
   update = make_step(policy.module, optimizer, mesh, grounding_loss)
 
   def step_fn(state, examples, step):

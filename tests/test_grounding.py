@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from balcap import grounding, models, optim, sft, train_state
+from balcap import grounding, metrics, models, optim, sft, train_state
 from balcap.data import datasets, pipeline
-from testlib import load_config_file
+from testlib import load_config_file, tiny_data_config
 
 CLASSES = {"shape": 3, "colour": 2, "row": 2, "column": 4}
 
@@ -88,8 +88,8 @@ def test_sft_step_trains_the_head_and_sends_its_gradient_into_the_policy(demo_ba
     state = train_state.initial_state(policy, optimizer, 0)
     state = jax.tree.map(jnp.copy, state)  # the step donates it; policy.params stay
     if setting is not None:
-      head = grounding.init_head(policy.config.text.hidden_size, classes, None)
-      state["grounding"] = {"params": head, "opt_state": setting.optimizer.init(head)}
+      state["grounding"] = grounding.init_state(policy.config.text.hidden_size, classes,
+                                                setting.optimizer, None)
     step = sft.make_step(policy.module, optimizer, None, setting)
     states, history = [], []
     for _ in range(steps):
@@ -126,3 +126,25 @@ def test_config_problems_name_the_field():
   config.sft.grounding_layer = -1
   config.data.name = "caption_folder"
   assert "CapWorld" in grounding.check_config(config)[0]
+
+
+def test_sft_with_grounding_resumes_its_head_and_hands_over_a_plain_policy(tmp_path):
+  config = load_config_file("tiny", "mode=sft")
+  config.data = tiny_data_config(tmp_path / "tfds")
+  config.sft.update(num_steps=2, batch_size=8, grounding_weight=0.5, image_gain_every=0)
+  config.sft.optimizer.warmup_steps = 1
+  config.checkpoint.every_steps = 1
+  config.metrics.log_every_steps = 1
+  first = sft.run(config, str(tmp_path / "sft"))
+  head = np.asarray(first.state["grounding"]["params"]["kernel"])
+  config.sft.num_steps = 3
+  resumed = sft.run(config, str(tmp_path / "sft"))
+  assert first.step == 2 and resumed.resumed_from == 2 and resumed.step == 3
+  assert "grounding" not in resumed.state["params"]
+  # Step 3 started from the saved head: with the same (restored) Adam state, one more step
+  # moves it by at most the learning rate per entry.
+  moved = np.abs(np.asarray(resumed.state["grounding"]["params"]["kernel"]) - head).max()
+  assert 0 < moved <= 1.01 * config.sft.optimizer.learning_rate
+  log = metrics.read_jsonl(str(tmp_path / "sft" / "metrics.jsonl"))
+  assert [r["step"] for r in log] == [1, 2, 3]
+  assert all(0 <= r["sft/grounding/row_accuracy"] <= 1 for r in log)
