@@ -8,6 +8,9 @@ right-padded to `config.sft.max_length` tokens; the loss is the mean cross-entro
 caption token of the GLOBAL batch (the end token included, so the model learns to stop). The
 step is one jitted function with params and optimizer state donated; the loop, checkpoints
 (workdir/sft), resume and metrics are `balcap.loop`'s.
+
+Two options: `sft.image_gain_every` measures whether the policy reads the image at all
+(`ImageGain`), and on CapWorld `sft.grounding_weight` adds `balcap.grounding`'s auxiliary loss.
 """
 
 from __future__ import annotations
