@@ -21,8 +21,8 @@ What it did on the CapWorld demo (seed 0, weight 0.5, 700 SFT steps): the head s
 rows (100%) and colours (~93%), and columns (100%) once `rope_theta` is 100: at Qwen's 1e6
 with 32-dim heads, M-RoPE's width section turns by ~1e-4 rad per column and columns stay
 at ~37%. Shapes stay at chance. The captions gained nothing: they name colours right 12-13%
-of the time against 42% without the loss (a guess: the two losses compete for the same layers). It is off in
-`configs/tiny.py`; the README's demo section has the runs.
+of the time against 42% without the loss (a guess: the two losses compete for the same
+layers). It is off in `configs/tiny.py`; the README's demo section has the runs.
 """
 
 from __future__ import annotations
@@ -84,18 +84,19 @@ def host_inputs(examples: dict[str, Any], chats: dict[str, np.ndarray], image_to
   input_ids = np.asarray(chats["input_ids"])
   grids = np.asarray(chats["image_grid_thw"]).reshape(-1, 3)
   rows = []
+  ids = examples.get("id", [f"#{b}" for b in range(len(grids))])
   for b, (scene_json, grid) in enumerate(zip(examples["scene_graph"], grids)):
     scene = world.scene_from_json(json.loads(scene_json))
     grid_h, grid_w = int(grid[1]) // merge_size, int(grid[2]) // merge_size
     positions = np.flatnonzero(input_ids[b] == image_token_id)
     labels = labels_lib.token_labels(scene, grid_h, grid_w)
     if len(positions) != len(labels):  # a caption cut before the image ends, or a bug
-      raise ValueError(f"example {b}: {len(positions)} image tokens in its chat, but its "
+      raise ValueError(f"example {ids[b]}: {len(positions)} image tokens in its chat, but its "
                        f"{grid_h}x{grid_w} token grid has {len(labels)}")
     too_big = [f for k, f in enumerate(FIELDS) if labels[:, k].max() >= classes[f]]
     if too_big:
-      raise ValueError(f"example {b}: its {grid_h}x{grid_w} token grid exceeds the grounding "
-                       f"head's classes {classes} in {too_big}")
+      raise ValueError(f"example {ids[b]}: its {grid_h}x{grid_w} token grid exceeds the "
+                       f"grounding head's classes {classes} in {too_big}")
     rows.append((positions, labels))
   n = max(len(p) for p, _ in rows)
   out = {"grounding_positions": np.zeros((len(rows), n), np.int32),

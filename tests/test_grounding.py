@@ -1,6 +1,7 @@
 """SFT's auxiliary grounding loss: its math by hand, and its step on the demo's tiny policy."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 
 from balcap import grounding, metrics, models, optim, sft, train_state
 from balcap.data import datasets, pipeline
+from balcap.data.capworld import Scene, SceneObject, scene_to_json
 from testlib import load_config_file, tiny_data_config
 
 CLASSES = {"shape": 3, "colour": 2, "row": 2, "column": 4}
@@ -148,3 +150,17 @@ def test_sft_with_grounding_resumes_its_head_and_hands_over_a_plain_policy(tmp_p
   log = metrics.read_jsonl(str(tmp_path / "sft" / "metrics.jsonl"))
   assert [r["step"] for r in log] == [1, 2, 3]
   assert all(0 <= r["sft/grounding/row_accuracy"] <= 1 for r in log)
+
+
+def test_host_inputs_name_the_example_whose_tokens_do_not_fit():
+  scene = Scene(112, 112, "white", (SceneObject("circle", "red", "large", 56, 56, 32,
+                                                "center"),), ())
+  examples = {"id": ["capworld-train-7"], "scene_graph": [json.dumps(scene_to_json(scene))]}
+  chats = {"input_ids": np.full((1, 16), 5), "image_grid_thw": np.array([[1, 8, 8]])}
+  out = grounding.host_inputs(examples, chats, 5, 2, CLASSES | {"row": 4, "column": 4})
+  assert out["grounding_labels"].shape == (1, 16, 4)
+  with pytest.raises(ValueError, match="capworld-train-7: its 4x4 token grid exceeds"):
+    grounding.host_inputs(examples, chats, 5, 2, CLASSES)  # 2 rows only
+  chats["input_ids"][0, -1] = 0  # an image token short: the chat was cut
+  with pytest.raises(ValueError, match="capworld-train-7: 15 image tokens in its chat"):
+    grounding.host_inputs(examples, chats, 5, 2, CLASSES | {"row": 4, "column": 4})
