@@ -744,11 +744,11 @@ def _training_problems(config) -> list[str]:
   if config.sft.num_steps > 0 and config.mode in ("sft", "train"):
     from balcap import grounding
     problems.extend(grounding.check_config(config))
-  every = config.sft.image_gain_every
-  if every < 0 or every % config.metrics.log_every_steps:
-    problems.append(f"config.sft.image_gain_every={every}: use 0 (off) or a multiple of "
-                    f"config.metrics.log_every_steps={config.metrics.log_every_steps} (the "
-                    "steps whose metrics are written)")
+    every = config.sft.image_gain_every
+    if every < 0 or every % config.metrics.log_every_steps:
+      problems.append(f"config.sft.image_gain_every={every}: use 0 (off) or a multiple of "
+                      f"config.metrics.log_every_steps={config.metrics.log_every_steps} (the "
+                      "steps whose metrics are written)")
   rl = config.rl
   if rl.num_steps > 0:
     rows = rl.batch_size * rl.group_size

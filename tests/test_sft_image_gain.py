@@ -42,3 +42,5 @@ def test_image_gain_every_must_be_a_logged_step():
   config.sft.image_gain_every = 15
   with pytest.raises(configs.ConfigError, match="config.sft.image_gain_every=15"):
     configs.validate(config, num_devices=1)
+  config.sft.num_steps = 0  # no SFT stage: nothing is measured, so nothing to complain about
+  configs.validate(config, num_devices=1)
