@@ -33,6 +33,10 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
     "etils[epath]==1.15.0",
+    # gs:// workdirs (balcap.paths): etils.epath reaches GCS through fsspec's gcsfs when
+    # TensorFlow is absent; gcsfs brings google-cloud-storage, which tensorboardX uses for
+    # gs:// logdirs. Orbax's checkpoints go through tensorstore's own GCS driver.
+    "gcsfs==2026.10.1",
 ]
 
 EXTRAS_REQUIRE = {
@@ -46,6 +50,8 @@ EXTRAS_REQUIRE = {
         # Classic caption metrics as the COCO evaluation computes them (needs Java for its
         # tokenizer and METEOR); the tests check balcap's pure-Python scorers against it.
         "pycocoevalcap==1.2",
+        # A GCS JSON-API server in memory: the tests of gs:// workdirs (tests/fake_gcs.py).
+        "gcp-storage-emulator==2026.7.19",
     ],
     # `mode=eval`'s METEOR and the reference implementations of BLEU, ROUGE-L and CIDEr-D.
     "eval": ["pycocoevalcap==1.2"],

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from balcap import metrics, models, parallel, sampling
+from balcap import metrics, models, parallel, paths, sampling
 from balcap.data import datasets, pipeline
 from balcap.evals import captioning
 
@@ -42,17 +42,18 @@ def read_image(load) -> Image.Image | str:
 
 
 def open_file(path: str) -> Image.Image:
-  with Image.open(path) as image:
+  """A local or gs:// image file as RGB."""
+  with paths.open(path, "rb") as f, Image.open(f) as image:
     return image.convert("RGB")
 
 
-def _image_batches(paths: list[str], batch_size: int, per_host: int) -> Iterator[list[Row]]:
+def _image_batches(files: list[str], batch_size: int, per_host: int) -> Iterator[list[Row]]:
   """This host's images in full batches: `ceil(per_host / batch_size)` of them on every host
   (short ones padded with id None), so each batch divides over the data shards and every host
   runs the same programs. A file that cannot be decoded is an error row."""
   for start in range(0, -(-per_host // batch_size) * batch_size, batch_size):
     batch: list[Row] = []
-    for path in paths[start:start + batch_size]:
+    for path in files[start:start + batch_size]:
       batch.append((path, read_image(lambda path=path: open_file(path))))
     yield batch + [(None, None)] * (batch_size - len(batch))
 
@@ -109,10 +110,10 @@ def run(config, workdir: str, images: list[str] | None = None) -> str:
   output = config.caption.output or os.path.join(workdir, "captions.jsonl")
   if jax.process_count() > 1:
     output = f"{output}.process{jax.process_index()}"
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   bar = metrics.ProgressBar(total, description="caption", unit="image")
   rng = jax.random.key(config.seed)
-  with open(output, "w", encoding="utf-8") as f:
+  f = paths.LineAppender(output, truncate=True)
+  try:
     for number, batch in enumerate(batches):
       # Every batch is sampled, even one with nothing readable: the other hosts' rows are in
       # the same programs.
@@ -122,9 +123,11 @@ def run(config, workdir: str, images: list[str] | None = None) -> str:
         if example_id is None:
           continue
         entry = row if isinstance(image, Image.Image) else {"error": image}
-        f.write(json.dumps({"id": str(example_id), **entry}) + "\n")
+        f.write([json.dumps({"id": str(example_id), **entry})], flush=False)
       f.flush()
       bar.update(sum(example_id is not None for example_id, _ in batch))
+  finally:
+    f.close()
   bar.close()
   if jax.process_index() == 0:
     print(f"caption: {total} images -> {output}", flush=True)

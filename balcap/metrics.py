@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import tqdm
 
+from balcap import paths
+
 
 class MetricWriter(Protocol):
   """Anything that records scalars and texts against a step."""
@@ -38,20 +40,19 @@ def _scalar(name: str, value: Any) -> float:
 
 
 class JsonlWriter:
-  """Appends one JSON object per call to a file: {"step", "time", ...values}.
+  """Appends one JSON object per call to a file (local or gs://): {"step", "time", ...}.
 
   Non-finite values are written as the strings "nan" / "inf" / "-inf" so every line stays
   valid JSON (a NaN reward count is exactly what one wants to be able to read back).
   """
 
   def __init__(self, path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self.path = path
-    self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self._file = paths.LineAppender(path)
 
   def _write(self, record: dict) -> None:
-    self._file.write(json.dumps(record, allow_nan=False) + "\n")
-    self._file.flush()  # one line per log step: cheap, and readable while the run goes on
+    # Flushed per line: one line per log step, and readable while the run goes on.
+    self._file.write([json.dumps(record, allow_nan=False)])
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = {k: _finite_or_str(_scalar(k, v)) for k, v in scalars.items()}
@@ -75,12 +76,13 @@ def read_jsonl(path: str) -> list[dict]:
   """Reads a JsonlWriter file back, turning "nan"/"inf" strings into floats again."""
   def revive(value):
     return float(value) if value in ("nan", "inf", "-inf") else value
-  with open(path, encoding="utf-8") as f:
-    return [{k: revive(v) for k, v in json.loads(line).items()} for line in f if line.strip()]
+  lines = paths.read_text(path).splitlines()
+  return [{k: revive(v) for k, v in json.loads(line).items()} for line in lines if line.strip()]
 
 
 class TensorBoardWriter:
-  """TensorBoard event files through tensorboardX (no TensorFlow needed)."""
+  """TensorBoard event files through tensorboardX (no TensorFlow needed; it writes gs://
+  logdirs itself, through google-cloud-storage)."""
 
   def __init__(self, logdir: str):
     import tensorboardX  # pylint: disable=import-outside-toplevel

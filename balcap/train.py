@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from balcap import models, parallel, sft
+from balcap import models, parallel, paths, sft
 from balcap.data import datasets
 from balcap.evals import captioning
 from balcap.rl import learner
@@ -87,8 +87,7 @@ def run(config, workdir: str) -> dict:
   summary = {"before": before, "after": after, "examples": {"before": before_examples,
                                                             "after": after_examples}}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
+    paths.write_text(os.path.join(workdir, "eval.json"), json.dumps(summary, indent=2))
   report(f"done in {time.time() - started:.0f}s; metrics in {workdir}/*/metrics.jsonl, "
          f"samples in {workdir}/rl/samples.jsonl")
   return summary

@@ -36,3 +36,14 @@ def capworld_builder(tmp_path_factory):
   """A prepared tiny CapWorld, shared by every test that only reads it."""
   from balcap.data import datasets  # pylint: disable=import-outside-toplevel
   return datasets.prepare(testlib.tiny_data_config(tmp_path_factory.mktemp("tfds")))
+
+
+@pytest.fixture(scope="session")
+def fake_gcs():
+  """A fake GCS server for the session (see fake_gcs.py); yields the env its clients need.
+
+  Tests write under gs://balcap-test/<their own prefix>, so they never see each other's files.
+  """
+  import fake_gcs as fake  # pylint: disable=import-outside-toplevel
+  with fake.serve() as env:
+    yield env

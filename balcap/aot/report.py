@@ -32,7 +32,7 @@ from typing import Any
 
 import jax
 
-from balcap import configs, parallel
+from balcap import configs, parallel, paths
 from balcap.aot import hardware, programs
 from balcap.models import layers
 
@@ -248,9 +248,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     report["sampler_ideal_seconds"] = (parts[0]["ideal_seconds"]
                                        + steps * parts[1]["ideal_seconds"])
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "compile.json"), "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+    paths.write_text(os.path.join(workdir, "compile.json"), json.dumps(report, indent=2))
     print(table(report), flush=True)
   problems = []
   for name, r in report["programs"].items():

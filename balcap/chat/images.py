@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from balcap import paths
+
 # OpenAI's vision `detail`: "auto", "low" (one 512 px tile), "high" (tiles of the full image).
 DETAILS = ("auto", "low", "high")
 
@@ -41,8 +43,7 @@ def file_data_url(path: str) -> str:
   """A data URL for an image file: PNG and JPEG bytes as they are, other formats as PNG.
 
   Raises ValueError naming the file when it is not a readable image."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.read_bytes(path)
   if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:2] == b"\xff\xd8":
     return image_data_url(data)
   try:

@@ -17,6 +17,7 @@ import time
 import jax
 from PIL import Image
 
+from balcap import paths
 from balcap.data import datasets, pipeline
 
 _PREVIEW_EXAMPLES = 8
@@ -59,5 +60,6 @@ def run(config, workdir: str) -> None:
       example["image"] = Image.fromarray(example["image"])
       examples.append(example)
     path = os.path.join(workdir, "data_preview.png")
-    preview.contact_sheet(examples).save(path)
+    with paths.open(path, "wb") as f:
+      preview.contact_sheet(examples).save(f, format="PNG")
     _print(f"  preview of {len(examples)} stored {config.data.train_split} examples: {path}")

@@ -9,12 +9,11 @@ CapArena-Auto).
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 from typing import Any, Iterator
 
-from balcap import configs
+from balcap import configs, paths
 
 DECAPBENCH_FILE = "human_annotated_oracle_facts.jsonl"
 CAPARENA_FILE = "caparena_auto_600.json"
@@ -65,19 +64,19 @@ def _require(benchmark: str, where: str, record: Any, field: str, kind: type | t
 
 def _image(benchmark: str, folder: str, relative: str, where: str) -> str:
   path = os.path.join(folder, relative)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise _fail(benchmark, where, f"image {path} does not exist")
   return path
 
 
 def _folder(benchmark: str, folder: str) -> str:
-  if not folder or not os.path.isdir(folder):
+  if not folder or not paths.isdir(folder):
     raise _fail(benchmark, f"folder {folder!r}", "does not exist")
   return folder
 
 
 def _jsonl(benchmark: str, path: str) -> Iterator[tuple[str, Any]]:
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path) as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -101,7 +100,7 @@ class DecapItem:
 def load_decapbench(folder: str) -> list[DecapItem]:
   name = "DeCapBench"
   path = os.path.join(_folder(name, folder), DECAPBENCH_FILE)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise _fail(name, path, "does not exist")
   items, seen = [], set()
   for where, record in _jsonl(name, path):
@@ -144,7 +143,7 @@ def _captionqa_rows(path: str) -> Iterator[tuple[str, Any]]:
   if path.endswith(".jsonl"):
     yield from _jsonl("CaptionQA", path)
     return
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path) as f:
     try:
       rows = json.load(f)
     except json.JSONDecodeError as e:
@@ -157,8 +156,7 @@ def _captionqa_rows(path: str) -> Iterator[tuple[str, Any]]:
 
 def load_captionqa(folder: str) -> list[CaptionQAImage]:
   name = "CaptionQA"
-  files = sorted(glob.glob(os.path.join(_folder(name, folder), "*.jsonl"))
-                 + glob.glob(os.path.join(folder, "*.json")))
+  files = sorted(paths.glob(_folder(name, folder), "*.jsonl") + paths.glob(folder, "*.json"))
   if not files:
     raise _fail(name, folder, "holds no *.jsonl or *.json files")
   images, seen = [], set()
@@ -204,9 +202,9 @@ class CapArenaItem:
 def load_caparena(folder: str) -> list[CapArenaItem]:
   name = "CapArena-Auto"
   path = os.path.join(_folder(name, folder), CAPARENA_FILE)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise _fail(name, path, "does not exist")
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path) as f:
     try:
       data = json.load(f)
     except json.JSONDecodeError as e:

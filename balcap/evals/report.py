@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Any
+
+from balcap import paths
 
 # The headline number of each benchmark's <name>.json (all on a 0-100 scale except classic's
 # CIDEr-D, which is COCO's 0-10).
@@ -77,18 +78,16 @@ def table(results: list[dict[str, Any]]) -> str:
 def write(folder: str) -> str:
   """Writes folder/report.md from every <benchmark>.json there; returns the table."""
   results = []
-  for path in glob.glob(os.path.join(folder, "*.json")):
+  for path in paths.glob(folder, "*.json"):
     name = os.path.splitext(os.path.basename(path))[0]
     if name in MAIN_SCORE:
-      with open(path, encoding="utf-8") as f:
-        results.append(json.load(f))
+      results.append(json.loads(paths.read_text(path)))
   results.sort(key=lambda r: ORDER.index(r["benchmark"]))
   text = table(results)
   captioner = results[0].get("captioner") if results else None
-  with open(os.path.join(folder, "report.md"), "w", encoding="utf-8") as f:
-    f.write("# balcap evaluation\n\n")
-    if captioner:
-      f.write(f"Captions: `{json.dumps(captioner)}`\n\n")
-    f.write(text + "\n\nScores judged by a model other than each benchmark's official judge "
-            "are comparable only with each other (README, Evaluating).\n")
+  header = f"Captions: `{json.dumps(captioner)}`\n\n" if captioner else ""
+  paths.write_text(os.path.join(folder, "report.md"),
+                   "# balcap evaluation\n\n" + header + text
+                   + "\n\nScores judged by a model other than each benchmark's official judge "
+                   "are comparable only with each other (README, Evaluating).\n")
   return text

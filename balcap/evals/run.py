@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from balcap import caption, configs, metrics, models, parallel, trained
+from balcap import caption, configs, metrics, models, parallel, paths, trained
 from balcap.chat import openai_backend
 from balcap.evals import benchmark_data, benchmarks, classic, prompts, report
 
@@ -53,7 +53,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         "mode eval runs on one host: caption with mode caption on the pod (each host writes "
         "its share), then score the captions here with --config.eval.captions=<file>")
   out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
+  paths.makedirs(out)
   e = config.eval
   data = _benchmark_data(config)
   policy, captioner = _captioner(config)
@@ -95,7 +95,7 @@ def read_captions(path: str) -> dict[tuple[str, str], str]:
   """{(benchmark or "", id): caption} from a JSONL file; rows with "error" are left out (their
   items become invalid: "no caption")."""
   captions = {}
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path) as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -124,12 +124,12 @@ def captions_for(captions: dict[tuple[str, str], str], benchmark: str) -> dict[s
 def _captioner(config) -> tuple[models.Policy | None, dict[str, Any]]:
   e = config.eval
   if e.captions:
-    return None, {"captions": os.path.abspath(e.captions)}
+    return None, {"captions": _absolute(e.captions)}
   mesh = parallel.make_mesh(config.mesh)
   if e.run:
     source = trained.find(e.run, e.stage, e.step)
     policy = trained.load(source, mesh=mesh, base=config.model.checkpoint)
-    described = {"run": os.path.abspath(e.run), "stage": source.stage, "step": source.step}
+    described = {"run": _absolute(e.run), "stage": source.stage, "step": source.step}
   else:
     policy = models.policy_from_config(config.model, jax.random.key(config.seed), mesh=mesh)
     described = {"model": config.model.checkpoint}  # validate() asks for one
@@ -139,6 +139,10 @@ def _captioner(config) -> tuple[models.Policy | None, dict[str, Any]]:
   described.update(prompt=s.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                    seed=config.seed)
   return policy, described
+
+
+def _absolute(path: str) -> str:
+  return path if paths.is_remote(path) else os.path.abspath(path)
 
 
 def _tokenizer_only(config):
@@ -159,19 +163,16 @@ def _make_captions(policy, config, data, out: str, captioner: dict) -> dict:
   """Captions of every needed image, made in full batches; those in `out`/captions.jsonl from
   an earlier (killed) run of the same captioner are kept."""
   path, meta = os.path.join(out, CAPTIONS), os.path.join(out, CAPTIONER)
-  if os.path.exists(meta):
-    with open(meta, encoding="utf-8") as f:
-      before = json.load(f)
+  if paths.exists(meta):
+    before = json.loads(paths.read_text(meta))
     if before != captioner:
       raise configs.BalcapError(
           f"{path} holds captions of another captioner ({before}, now {captioner}); use a new "
           f"--workdir, or delete {path} and {meta} to caption again")
-  with open(meta, "w", encoding="utf-8") as f:
-    json.dump(captioner, f, indent=2)
+  paths.write_text(meta, json.dumps(captioner, indent=2))
   captions = {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
+  if paths.exists(path):
+    lines = paths.read_text(path).splitlines()
     kept = []
     for line in lines:
       try:
@@ -181,14 +182,14 @@ def _make_captions(policy, config, data, out: str, captioner: dict) -> dict:
       captions[(row["benchmark"], row["id"])] = row.get("caption")
       kept.append(line)
     if len(kept) != len(lines):
-      with open(path, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in kept)
+      paths.write_text(path, "".join(line + "\n" for line in kept))
   needed = [n for n in _needed(config, data) if (n.benchmark, n.id) not in captions]
   if needed:
     batch_size = parallel.host_batch_size(config.batch_size)
     bar = metrics.ProgressBar(len(needed), description="eval captions", unit="image")
     rng = jax.random.key(config.seed)
-    with open(path, "a", encoding="utf-8") as f:
+    f = paths.LineAppender(path)
+    try:
       for number, start in enumerate(range(0, len(needed), batch_size)):
         chunk = needed[start:start + batch_size]
         rows = [(n, caption.read_image(n.image)) for n in chunk]
@@ -200,10 +201,12 @@ def _make_captions(policy, config, data, out: str, captioner: dict) -> dict:
             continue
           entry = ({"caption": row["caption"], "num_tokens": row["num_tokens"]}
                    if isinstance(image, Image.Image) else {"caption": None, "error": image})
-          f.write(json.dumps({"benchmark": n.benchmark, "id": n.id, **entry}) + "\n")
+          f.write([json.dumps({"benchmark": n.benchmark, "id": n.id, **entry})], flush=False)
           captions[(n.benchmark, n.id)] = entry["caption"]
-        f.flush()
+        f.flush()  # per batch: a killed run keeps every finished batch
         bar.update(len(chunk))
+    finally:
+      f.close()
     bar.close()
   return {k: c for k, c in captions.items() if c is not None}
 
@@ -251,7 +254,8 @@ def _judge(config, out: str) -> openai_backend.OpenAIChatBackend:
       j.base_url, j.model, api_key_env=j.api_key_env or None, timeout_s=j.timeout_s,
       max_concurrency=j.max_concurrency, max_retries=j.max_retries,
       deadline_s=max(j.timeout_s * (j.max_retries + 1) * 2, 600.0), max_tokens=1024,
-      cache_path=j.cache_path or os.path.join(out, "judge_cache.sqlite"), seed=j.seed)
+      cache_path=paths.local_mirror(j.cache_path or os.path.join(out, "judge_cache.sqlite")),
+      seed=j.seed)
 
 
 def _judge_record(config, name: str) -> dict[str, Any]:
@@ -350,8 +354,7 @@ def _plain(value: Any) -> Any:
 
 
 def _write(out: str, name: str, result: dict, rows: list[dict]) -> None:
-  with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2, allow_nan=False)
-  with open(os.path.join(out, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(_plain(row), allow_nan=False) + "\n")
+  paths.write_text(os.path.join(out, f"{name}.json"),
+                   json.dumps(result, indent=2, allow_nan=False))
+  paths.write_text(os.path.join(out, f"{name}.jsonl"),
+                   "".join(json.dumps(_plain(row), allow_nan=False) + "\n" for row in rows))

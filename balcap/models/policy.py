@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from balcap import parallel
+from balcap import parallel, paths
 from balcap.models import hf_io
 
 # Files that travel with the weights: tokenizer and processor settings.
@@ -175,8 +175,18 @@ class Policy:
     return _forward(self.module, self.mesh)(params, inputs)
 
   def save_pretrained(self, folder: str, *, dtype: str | None = None) -> None:
-    """An HF folder (config.json, safetensors, tokenizer files) that transformers loads."""
+    """An HF folder (config.json, safetensors, tokenizer files) that transformers loads.
+
+    A gs:// folder is written locally first (`paths.local_mirror`), then uploaded by process 0:
+    safetensors files are written with seeks, which object stores do not have.
+    """
     dtype = dtype_name(dtype, "save_pretrained(dtype=...)")
+    if paths.is_remote(folder):
+      local = paths.local_mirror(folder)
+      self.save_pretrained(local, dtype=dtype)
+      if jax.process_index() == 0:
+        paths.upload_folder(local, folder)
+      return
     os.makedirs(folder, exist_ok=True)
     hf_config = self.config.to_hf()
     if dtype:
@@ -188,9 +198,10 @@ class Policy:
     if jax.process_index() == 0:
       hf_config.save_pretrained(folder)
       if self.source:
+        source = paths.download_folder(self.source)
         for name in PROCESSOR_FILES:
-          if os.path.isfile(os.path.join(self.source, name)):
-            shutil.copy(os.path.join(self.source, name), os.path.join(folder, name))
+          if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(folder, name))
 
 
 @functools.lru_cache(maxsize=16)
@@ -222,6 +233,7 @@ def _shardings(boxed: Any, mesh: Mesh | None) -> Any:
 def checkpoint_config(folder: str) -> tuple[Family, Any]:
   """The family and balcap config of an HF folder, from its config.json alone."""
   import transformers  # pylint: disable=import-outside-toplevel
+  folder = paths.download_folder(folder)
   with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
     model_type = json.load(f).get("model_type")
   family = family_of(model_type)
@@ -236,6 +248,7 @@ def load_pretrained(folder: str, *, dtype: str | None = None, mesh: Mesh | None 
   and the computation dtype; default float32. `scan_layers=False` unrolls the decoder's layers (faster CPU decoding). Tensors
   stream from disk one at a time (see hf_io).
   """
+  folder = paths.download_folder(folder)  # gs://: each host reads its own local copy
   family, config = checkpoint_config(folder)
   config = config.with_runtime(dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
   boxed, _ = boxed_abstract_params(family, config)
@@ -287,7 +300,7 @@ def policy_from_config(model_config, rng: jax.Array, mesh: Mesh | None = None) -
 
 
 def has_tokenizer(folder: str) -> bool:
-  return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model"))
+  return any(paths.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model"))
 
 
 def _load_checked(model_config, mesh: Mesh | None) -> Policy:

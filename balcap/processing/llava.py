@@ -25,6 +25,7 @@ import numpy as np
 import tokenizers
 from PIL import Image
 
+from balcap import paths
 from balcap.processing import chat
 from balcap.processing.qwen import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
 
@@ -151,7 +152,9 @@ class LlavaProcessor(chat.ChatProcessor):
   def from_pretrained(cls, folder: str, pad_to_square: bool = False) -> LlavaProcessor:
     """From a checkpoint folder: `tokenizer.json` (or a sentencepiece `tokenizer.model`,
     converted by transformers), `preprocessor_config.json` if present, and the image token
-    count from `config.json` (CLIP grid, class token dropped unless the strategy is "full")."""
+    count from `config.json` (CLIP grid, class token dropped unless the strategy is "full").
+    A gs:// folder is read from its local copy."""
+    folder = paths.download_folder(folder)
     path = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(path):
       tokenizer = tokenizers.Tokenizer.from_file(path)

@@ -24,6 +24,7 @@ import numpy as np
 import tokenizers
 from PIL import Image
 
+from balcap import paths
 from balcap.processing import chat
 
 IM_START = "<|im_start|>"
@@ -227,7 +228,9 @@ class QwenProcessor(chat.ChatProcessor):
   @classmethod
   def from_pretrained(cls, folder: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT
                       ) -> QwenProcessor:
-    """From a checkpoint folder: `tokenizer.json` and, if present, `preprocessor_config.json`."""
+    """From a checkpoint folder (local or gs://): `tokenizer.json` and, if present,
+    `preprocessor_config.json`."""
+    folder = paths.download_folder(folder)
     tokenizer = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     config_path = os.path.join(folder, "preprocessor_config.json")
     image_config = QwenImageConfig()

@@ -42,7 +42,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
-from balcap import loop, optim, parallel, sampling, scoring, train_state
+from balcap import loop, optim, parallel, paths, sampling, scoring, train_state
 from balcap.data import datasets, pipeline
 from balcap.evals import captioning
 from balcap.rl import advantages as advantages_lib
@@ -66,6 +66,7 @@ class RLStep:
                ref_params: Any = None, eval_source=None,
                lookahead: pipeline.Lookahead | None = None):
     self.config, self.workdir, self.policy, self.reward = config, workdir, policy, reward
+    self._samples_file = None
     self.ref_params = ref_params
     self.eval_source = eval_source
     rl = config.rl
@@ -286,9 +287,9 @@ class RLStep:
                       **{c: float(rewards.components[c][i]) for c in functions.COMPONENTS},
                       "advantage": float(flat[i])})
     if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, "samples.jsonl"), "a", encoding="utf-8") as f:
-        for entry in entries:
-          f.write(json.dumps(entry) + "\n")
+      if self._samples_file is None:  # opened once: on gs:// each open reads the whole file
+        self._samples_file = paths.LineAppender(os.path.join(self.workdir, "samples.jsonl"))
+      self._samples_file.write([json.dumps(entry) for entry in entries])
     header = "| id | precision | recall | linguistic | ratio | advantage | caption |\n" + (
         "|---|---|---|---|---|---|---|\n")
     body = "".join(f"| {e['id']} | {e['precision']:.2f} | {e['recall']:.2f} | "
@@ -420,7 +421,7 @@ def run(config, workdir: str, policy, reward: functions.JudgeReward) -> loop.Loo
     ref_params = jax.tree.map(jnp.copy, policy.params)
   step = RLStep(config, workdir, policy, reward, ref_params, eval_source,
                 lookahead=iterator if rl.async_rewards else None)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   loop_config = config.copy_and_resolve_references()
   loop_config.num_steps = rl.num_steps
   state = train_state.initial_state(policy, step.optimizer, config.seed)

@@ -26,6 +26,7 @@ import zlib
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
+from balcap import paths
 from balcap.configs import BalcapError
 
 SPLITS = ("train", "validation", "test")
@@ -49,11 +50,11 @@ class CaptionFolderConfig(tfds.core.BuilderConfig):
 def caption_folder_config(manifest: str, *, validation_fraction: float = 0.02,
                           test_fraction: float = 0.02) -> CaptionFolderConfig:
   """A builder config named after the manifest's CONTENT, so an edited manifest is rebuilt."""
-  manifest = os.path.abspath(manifest)
-  if not os.path.isfile(manifest):
+  manifest = manifest if paths.is_remote(manifest) else os.path.abspath(manifest)
+  if not paths.isfile(manifest):
     raise FileNotFoundError(f"config.data.caption_folder.manifest: no file at {manifest}")
   digest = hashlib.sha1()
-  with open(manifest, "rb") as f:
+  with paths.open(manifest, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       digest.update(chunk)
   digest.update(f"{validation_fraction},{test_fraction}".encode())
@@ -81,8 +82,8 @@ def read_manifest(path: str) -> tuple[list[dict], list[dict]]:
   `split`. A line that cannot become a row is returned in `skipped` with its reason.
   """
   rows, skipped = [], []
-  folder = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding="utf-8") as f:
+  folder = paths.parent(path if paths.is_remote(path) else os.path.abspath(path))
+  with paths.open(path) as f:
     for line_number, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -124,7 +125,8 @@ def _parse_row(line: str, folder: str) -> tuple[dict, str | None]:
   split = raw.get("split")
   if split is not None and split not in SPLITS:
     return row, f"'split' is {split!r}; use one of {list(SPLITS)}"
-  row.update(image=os.path.join(folder, image), references=references, split=split)
+  image = image if paths.is_remote(image) else os.path.join(folder, image)
+  row.update(image=image, references=references, split=split)
   return row, None
 
 
@@ -135,14 +137,14 @@ def check_image(path: str) -> tuple[bool, str | None]:
   files without an EXIF rotation are stored byte for byte; others are re-encoded as PNG.
   """
   try:
-    with Image.open(path) as image:
+    with paths.open(path, "rb") as f, Image.open(f) as image:
       image.load()
       rotated = image.getexif().get(0x0112, 1) != 1  # EXIF Orientation
       return not (image.mode == "RGB" and image.format in _KEPT_FORMATS and not rotated), None
   except FileNotFoundError:
     return False, f"image file not found: {path}"
   except OSError as e:
-    if not os.path.exists(path):
+    if not paths.exists(path):
       return False, f"image file not found: {path}"
     return False, f"not a readable image ({type(e).__name__}: {e})"
   except (SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -152,9 +154,8 @@ def check_image(path: str) -> tuple[bool, str | None]:
 def image_bytes(path: str, needs_reencode: bool) -> bytes:
   """The bytes to store for an image that passed check_image: the file, or an RGB PNG of it."""
   if not needs_reencode:
-    with open(path, "rb") as f:
-      return f.read()
-  with Image.open(path) as image:
+    return paths.read_bytes(path)
+  with paths.open(path, "rb") as f, Image.open(f) as image:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "P", "PA"):  # transparency -> composite on white
       rgba = image.convert("RGBA")
@@ -218,10 +219,8 @@ class CaptionFolder(tfds.core.GeneratorBasedBuilder):
     # Runs while data_dir is TFDS's temporary folder (before dataset_info.json is written), so
     # the report and the metadata counts are part of the finished data set.
     self._skipped.sort(key=lambda e: e["line"])
-    with open(os.path.join(os.fspath(self.data_dir), SKIPPED_ROWS_FILE), "w",
-              encoding="utf-8") as f:
-      for entry in self._skipped:
-        f.write(json.dumps(entry) + "\n")
+    paths.write_text(os.path.join(os.fspath(self.data_dir), SKIPPED_ROWS_FILE),
+                     "".join(json.dumps(entry) + "\n" for entry in self._skipped))
     reasons = collections.Counter(e["reason"].split(" (")[0].split(":")[0]
                                   for e in self._skipped)
     self.info.metadata["num_skipped_rows"] = len(self._skipped)

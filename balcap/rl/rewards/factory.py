@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from balcap import paths
 from balcap.rl.rewards.functions import JudgeReward, word_count
 from balcap.rl.rewards.types import Judge
 
@@ -24,7 +25,8 @@ def judge_from_config(config, workdir: str, *, mesh=None) -> Judge:
         o.base_url, o.model, api_key_env=o.api_key_env or None, timeout_s=o.timeout_s,
         max_concurrency=o.max_concurrency, max_retries=o.max_retries,
         deadline_s=rewards.deadline_s,
-        cache_path=o.cache_path or os.path.join(workdir, "judge_cache.db"))
+        # sqlite needs a local file: a gs:// workdir keeps its cache on each host's disk.
+        cache_path=paths.local_mirror(o.cache_path or os.path.join(workdir, "judge_cache.db")))
   if rewards.judge == "local":
     # pylint: disable=import-outside-toplevel
     from balcap import models
