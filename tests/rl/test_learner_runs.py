@@ -1,5 +1,6 @@
 """Whole RL runs of the learner in subprocesses: SIGKILL and resume, 2 hosts vs 1, and the
-same with the judge overlapped (config.rl.async_rewards, rollouts in flight across a restart).
+same with the judge overlapped (config.rl.async_rewards, rollouts in flight across a restart),
+and that restart again from a gs:// workdir both hosts share.
 
 Each run is `tests/learner_program.py` (random tiny policy, CapWorld judge, 2 prompts x G=4,
 checkpoints every 2 steps) and prints a digest of its final params' bytes: equal digests mean
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from balcap import metrics
+from balcap import metrics, paths
 from balcap.data import datasets
 from testlib import REPO, tiny_data_config
 
@@ -106,7 +107,8 @@ def test_one_step_on_two_hosts_equals_one_host(tmp_path, tfds_dir):
   assert results[0] == one_host  # same advantages (global statistics), same params
 
 
-def test_async_rewards_on_two_hosts_complete_and_resume_exactly(tmp_path, tfds_dir):
+def test_async_rewards_on_two_hosts_complete_and_resume_exactly(tmp_path, tfds_dir,
+                                                                  fake_gcs):
   whole = [_finish(host) for host in
            _start_hosts(tmp_path / "whole", tfds_dir, 4, async_rewards=True)]
   assert [result for result, _ in whole] == [["None", "4"]] * 2
@@ -115,7 +117,16 @@ def test_async_rewards_on_two_hosts_complete_and_resume_exactly(tmp_path, tfds_d
   # ahead, before step 2's update, on both hosts): it ends where the uninterrupted run did.
   shutil.copytree(tmp_path / "whole", tmp_path / "restarted")
   shutil.rmtree(tmp_path / "restarted" / "checkpoints" / "4")
-  restarted = [_finish(host) for host in
-               _start_hosts(tmp_path / "restarted", tfds_dir, 4, async_rewards=True)]
+  # The same restart with the workdir in a bucket (the fake GCS server), shared by both hosts
+  # as on a pod: orbax reads and writes it through tensorstore, the logs through gcsfs.
+  remote = f"gs://balcap-test/two_hosts/{tmp_path.name}"
+  paths.upload_folder(tmp_path / "restarted", remote)
+  logged = len(metrics.read_jsonl(f"{remote}/metrics.jsonl"))
+  runs = [_start_hosts(tmp_path / "restarted", tfds_dir, 4, async_rewards=True),
+          _start_hosts(remote, tfds_dir, 4, async_rewards=True, **fake_gcs)]
+  restarted, in_bucket = [[_finish(host) for host in hosts] for hosts in runs]
   assert [result for result, _ in restarted] == [["2", "4"]] * 2
   assert restarted[0][1] == whole[0][1]
+  assert in_bucket == restarted
+  assert "4" in paths.listdir(f"{remote}/checkpoints")
+  assert [r["step"] for r in metrics.read_jsonl(f"{remote}/metrics.jsonl")[logged:]] == [3, 4]
