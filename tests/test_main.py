@@ -1,11 +1,12 @@
-"""`python -m balcap.main`: the demo, mode dispatch and config errors, as a user sees them."""
+"""`python -m balcap.main`: the demo (on a gs:// workdir), mode dispatch and config errors,
+as a user sees them."""
 
 import json
 import os
 import subprocess
 import sys
 
-from balcap import metrics
+from balcap import metrics, paths
 from testlib import REPO
 
 # Small enough for the test suite; the README's command runs configs/tiny.py as it is.
@@ -19,19 +20,23 @@ _SMALL = [*_DATA, "--config.sft.num_steps=3", "--config.sft.batch_size=4",
           "--config.checkpoint.every_steps=2", "--config.metrics.log_every_steps=1"]
 
 
-def balcap_main(*args, tmp_path, cwd=REPO, devices=None):
-  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+def balcap_main(*args, tmp_path, cwd=REPO, devices=None, env=None):
+  env = dict(os.environ, **(env or {}), TFDS_DATA_DIR=str(tmp_path / "tfds"),
+             BALCAP_CACHE=str(tmp_path / "cache"))
   if devices:  # as on a user's machine, instead of the test suite's 8 simulated devices
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return subprocess.run([sys.executable, "-m", "balcap.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
 
-def test_demo_command_runs_every_stage_and_a_second_run_redoes_nothing(tmp_path):
-  workdir = tmp_path / "runs" / "tiny"  # the default: runs/<config name> under the cwd
-  done = balcap_main(f"--config={REPO}/configs/tiny.py", *_SMALL, tmp_path=tmp_path,
-                     cwd=tmp_path, devices=1)
-  assert done.returncode == 0, done.stderr
+def test_demo_command_runs_every_stage_on_a_gs_workdir_and_a_second_run_redoes_nothing(
+    tmp_path, fake_gcs):
+  """The demo as a pod runs it: the workdir in a bucket (the fake GCS server of fake_gcs.py,
+  reached through the real gcsfs and tensorstore clients); every output is read back from it."""
+  workdir = "gs://balcap-test/demo"
+  command = [f"--config={REPO}/configs/tiny.py", *_SMALL, f"--workdir={workdir}"]
+  done = balcap_main(*command, tmp_path=tmp_path, cwd=tmp_path, devices=1, env=fake_gcs)
+  assert done.returncode == 0, done.stderr[-3000:]
   out = done.stdout
   assert "[1/5] data: capworld/n40-4-4_224x224" in out and "'train': 40" in out
   assert "[2/5] SFT: 3/3 steps on sft_caption captions" in out
@@ -40,16 +45,18 @@ def test_demo_command_runs_every_stage_and_a_second_run_redoes_nothing(tmp_path)
   for row in ("precision", "recall", "linguistic", "b_capscore", "length_ratio", "degenerate",
               "b_capscore se"):
     assert row in out.split("[5/5]")[1]
-  summary = json.loads((workdir / "eval.json").read_text())
+  assert not (tmp_path / "runs").exists()  # nothing went to the default local workdir
+  assert json.loads(paths.read_text(f"{workdir}/config.json"))["mode"] == "train"
+  summary = json.loads(paths.read_text(f"{workdir}/eval.json"))
   assert 0 <= summary["after"]["degenerate"] <= 1  # CapWorldJudge flags repeats, contradictions
   assert summary["before"]["examples"] == summary["after"]["examples"] == 4
   assert len(summary["after"]["per_image"]["recall"]) == 4  # for the change's standard error
   assert len(summary["examples"]["after"]) == 2
-  assert sorted(os.listdir(workdir / "sft" / "checkpoints")) == ["2", "3"]
-  assert sorted(os.listdir(workdir / "rl" / "checkpoints")) == ["2"]
-  sft_log = metrics.read_jsonl(str(workdir / "sft" / "metrics.jsonl"))
+  assert paths.listdir(f"{workdir}/sft/checkpoints") == ["2", "3"]
+  assert paths.listdir(f"{workdir}/rl/checkpoints") == ["2"]
+  sft_log = metrics.read_jsonl(f"{workdir}/sft/metrics.jsonl")
   assert [r["step"] for r in sft_log] == [1, 2, 3] and all(r["sft/loss"] > 0 for r in sft_log)
-  records = metrics.read_jsonl(str(workdir / "rl" / "metrics.jsonl"))
+  records = metrics.read_jsonl(f"{workdir}/rl/metrics.jsonl")
   rl_log = [r for r in records if "texts" not in r]
   assert [r["step"] for r in rl_log] == [1, 2]
   (table,) = [r for r in records if "texts" in r]  # the sample table of step 2
@@ -57,20 +64,35 @@ def test_demo_command_runs_every_stage_and_a_second_run_redoes_nothing(tmp_path)
   for key in ("reward/precision/mean", "update/policy/clip_fraction", "update/grad_norm",
               "mismatch/sampler_vs_trainer_logprob_max", "time/sample", "learning_rate"):
     assert key in rl_log[-1], sorted(rl_log[-1])
-  assert len(metrics.read_jsonl(str(workdir / "rl" / "samples.jsonl"))) == 8
-  # The same command again restores each finished stage instead of redoing it.
-  again = balcap_main(f"--config={REPO}/configs/tiny.py", *_SMALL, tmp_path=tmp_path,
-                      cwd=tmp_path, devices=1)
-  assert again.returncode == 0, again.stderr
+  assert len(metrics.read_jsonl(f"{workdir}/rl/samples.jsonl")) == 8
+  assert paths.listdir(f"{workdir}/rl/tensorboard")  # tensorboardX's own gs:// writer
+
+  # The same command again restores each finished stage from the bucket instead of redoing it.
+  again = balcap_main(*command, tmp_path=tmp_path, cwd=tmp_path, devices=1, env=fake_gcs)
+  assert again.returncode == 0, again.stderr[-3000:]
   assert "(resumed from step 3)" in again.stdout and "(resumed from step 2)" in again.stdout
-  assert json.loads((workdir / "eval.json").read_text())["after"] == summary["after"]
+  assert json.loads(paths.read_text(f"{workdir}/eval.json"))["after"] == summary["after"]
+  assert [r["step"] for r in metrics.read_jsonl(f"{workdir}/sft/metrics.jsonl")] == [1, 2, 3]
+
+  # mode eval reads the trained params from the bucket and writes its report there.
+  scored = balcap_main(f"--config={REPO}/configs/eval.py:model=tiny", f"--workdir={workdir}",
+                       f"--config.eval.run={workdir}", "--config.eval.benchmarks=('capscore',)",
+                       *_DATA, "--config.batch_size=4", "--config.sampling.max_new_tokens=8",
+                       tmp_path=tmp_path, cwd=tmp_path, devices=1, env=fake_gcs)
+  assert scored.returncode == 0, scored.stderr[-3000:]
+  result = json.loads(paths.read_text(f"{workdir}/eval/capscore.json"))
+  assert result["captioner"]["run"] == workdir and result["captioner"]["stage"] == "rl"
+  assert result["scored"] == 4
+  assert "b-CapScore" in paths.read_text(f"{workdir}/eval/report.md")
+  assert len(paths.read_text(f"{workdir}/eval/captions.jsonl").splitlines()) == 4
 
 
-def test_mode_argument_selects_the_mode(tmp_path):
-  done = balcap_main("--config=configs/tiny.py:mode=data", f"--workdir={tmp_path / 'run'}",
-                     *_DATA, tmp_path=tmp_path)
+def test_mode_argument_selects_the_mode_and_the_workdir_defaults_to_runs_config(tmp_path):
+  done = balcap_main(f"--config={REPO}/configs/tiny.py:mode=data", *_DATA, tmp_path=tmp_path,
+                     cwd=tmp_path)
   assert done.returncode == 0, done.stderr
   assert "validation: 4 examples" in done.stdout and "test: 4 examples" in done.stdout
+  assert (tmp_path / "runs" / "tiny" / "data_preview.png").exists()
 
 
 def test_mode_eval_without_its_folders_and_judge_says_which_fields(tmp_path):
