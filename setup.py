@@ -52,6 +52,11 @@ EXTRAS_REQUIRE = {
         "pycocoevalcap==1.2",
         # A GCS JSON-API server in memory: the tests of gs:// workdirs (tests/fake_gcs.py).
         "gcp-storage-emulator==2026.7.19",
+        # The colab/ notebooks, executed headless in a Jupyter kernel (tests/test_notebooks.py).
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
+        "matplotlib==3.11.2",
     ],
     # `mode=eval`'s METEOR and the reference implementations of BLEU, ROUGE-L and CIDEr-D.
     "eval": ["pycocoevalcap==1.2"],

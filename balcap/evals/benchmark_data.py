@@ -164,9 +164,9 @@ def load_captionqa(folder: str) -> list[CaptionQAImage]:
     for where, row in _captionqa_rows(path):
       image_id = str(_require(name, where, row, "id", (str, int)))
       domain = _require(name, where, row, "domain", str)
-      paths = _require(name, where, row, "image_paths", list)
-      if len(paths) != 1 or not isinstance(paths[0], str):
-        raise _fail(name, where, f"image_paths must name exactly one image, got {paths!r}")
+      listed = _require(name, where, row, "image_paths", list)
+      if len(listed) != 1 or not isinstance(listed[0], str):
+        raise _fail(name, where, f"image_paths must name exactly one image, got {listed!r}")
       if image_id in seen:
         raise _fail(name, where, f"image id {image_id!r} appears twice")
       seen.add(image_id)
@@ -182,7 +182,7 @@ def load_captionqa(folder: str) -> list[CaptionQAImage]:
         category = q.get("category", [])
         categories = tuple(category) if isinstance(category, list) else (str(category),)
         questions.append(Question(f"{image_id}/{k}", text, tuple(choices), answer, categories))
-      images.append(CaptionQAImage(image_id, _image(name, folder, paths[0], where), domain,
+      images.append(CaptionQAImage(image_id, _image(name, folder, listed[0], where), domain,
                                    tuple(questions)))
   return images
 

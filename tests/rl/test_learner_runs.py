@@ -117,16 +117,14 @@ def test_async_rewards_on_two_hosts_complete_and_resume_exactly(tmp_path, tfds_d
   # ahead, before step 2's update, on both hosts): it ends where the uninterrupted run did.
   shutil.copytree(tmp_path / "whole", tmp_path / "restarted")
   shutil.rmtree(tmp_path / "restarted" / "checkpoints" / "4")
-  # The same restart with the workdir in a bucket (the fake GCS server), shared by both hosts
-  # as on a pod: orbax reads and writes it through tensorstore, the logs through gcsfs.
+  # Restarted with the workdir in a bucket (the fake GCS server), shared by both hosts as on a
+  # pod: orbax reads and writes it through tensorstore, the logs go through gcsfs.
   remote = f"gs://balcap-test/two_hosts/{tmp_path.name}"
   paths.upload_folder(tmp_path / "restarted", remote)
   logged = len(metrics.read_jsonl(f"{remote}/metrics.jsonl"))
-  runs = [_start_hosts(tmp_path / "restarted", tfds_dir, 4, async_rewards=True),
-          _start_hosts(remote, tfds_dir, 4, async_rewards=True, **fake_gcs)]
-  restarted, in_bucket = [[_finish(host) for host in hosts] for hosts in runs]
+  restarted = [_finish(host) for host in
+               _start_hosts(remote, tfds_dir, 4, async_rewards=True, **fake_gcs)]
   assert [result for result, _ in restarted] == [["2", "4"]] * 2
   assert restarted[0][1] == whole[0][1]
-  assert in_bucket == restarted
   assert "4" in paths.listdir(f"{remote}/checkpoints")
   assert [r["step"] for r in metrics.read_jsonl(f"{remote}/metrics.jsonl")[logged:]] == [3, 4]
