@@ -109,6 +109,7 @@ def write_text(path: PathLike, text: str) -> None:
   with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, encoding="utf-8",
                                    prefix=".tmp-") as f:
     f.write(text)
+  os.chmod(f.name, 0o644)  # mkstemp makes it 0600; a report is for others to read too
   os.replace(f.name, path)
 
 

@@ -79,3 +79,9 @@ def test_remote_or_local():
   assert not paths.is_remote("/tmp/x") and not paths.is_remote("runs/gs:/x")
   assert paths.join("gs://b/run", "rl", "metrics.jsonl") == "gs://b/run/rl/metrics.jsonl"
   assert paths.local_mirror("/tmp/x") == "/tmp/x"
+
+
+def test_a_local_write_is_readable_by_others(tmp_path):
+  paths.write_text(str(tmp_path / "report.md"), "# r")
+  assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+  assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temporary file left
