@@ -2,6 +2,7 @@
 
     python -m balcap.main --config=configs/tiny.py
     python -m balcap.main --config=configs/tiny.py:mode=data     # only prepare the data
+    python -m balcap.main --config=configs/tiny.py:hardware=tpu  # FSDP over every TPU chip
 
 A Qwen2.5-VL-architecture policy of about 1M parameters, initialised at random, learns to caption
 CapWorld: first by imitating its flawed "SFT" captions (meta commentary, repetition, wrong
@@ -16,9 +17,10 @@ from balcap.data import capworld
 
 
 def get_config(arg=None):
-  arg = configs.parse_arg(arg, mode="train")
+  arg = configs.parse_arg(arg, mode="train", hardware="cpu")
   c = configs.base_config()
   c.mode = arg.mode
+  c.mesh = configs.mesh_preset(arg.hardware)  # cpu: every device a data-parallel replica
   c.seed = 0
 
   # CapWorld small enough to generate in seconds. 224 px images (64 vision tokens) and at most

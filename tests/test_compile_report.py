@@ -111,13 +111,13 @@ def test_costs_count_every_scanned_layer(tmp_path):
 
 
 def test_update_costs_extrapolated_from_two_micro_batches_equal_the_whole_loop():
-  # The update's costs come from 1 and 2 micro-batches, extrapolated to 8; compiling all 8
+  # The update's costs come from 1 and 2 micro-batches, extrapolated to 4; compiling all 4
   # unrolled must give the same FLOPs (each micro-batch encodes every image again, so they
   # are not the 1-micro-batch program's).
   config = load_config_file("tiny", "mode=compile")
   config.compile.image_size = (224, 224)
   config.rl.batch_size, config.sampling.max_new_tokens = 8, 16
-  config.rl.micro_batch_size = 8  # 64 rollouts: 8 micro-batches
+  config.rl.micro_batch_size = 16  # 64 rollouts: 4 micro-batches
   (update,) = programs.Builder(config, parallel.make_mesh(config.mesh)).programs(("update",))
 
   def flops(lower):
