@@ -85,3 +85,24 @@ def test_a_local_write_is_readable_by_others(tmp_path):
   paths.write_text(str(tmp_path / "report.md"), "# r")
   assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
   assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # no temporary file left
+
+
+def test_an_hf_folder_round_trips_through_a_bucket(tmp_path, fake_gcs, monkeypatch):
+  """save_pretrained to gs:// (written locally, uploaded) and load_pretrained from it
+  (downloaded to $BALCAP_CACHE): the same params and the tokenizer files come back."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from balcap import models  # pylint: disable=import-outside-toplevel
+  from testlib import tiny_model_config  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
+  model = tiny_model_config()
+  policy = models.policy_from_config(model, jax.random.key(0))
+  policy.source = model.tokenizer  # as a trained run's policy: its tokenizer files go along
+  folder = f"gs://balcap-test/test_paths/hf-{tmp_path.name}"
+  policy.save_pretrained(folder)
+  assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(paths.listdir(folder))
+  monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "another_host"))
+  loaded = models.load_pretrained(folder, scan_layers=model.scan_layers)
+  assert loaded.processor is not None
+  for a, b in zip(jax.tree.leaves(policy.params), jax.tree.leaves(loaded.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -34,8 +34,7 @@ from balcap.launch import slices, source
 
 LaunchError = gcloud_lib.LaunchError
 _READY = {"READY", "ACTIVE"}
-_WAITING = {"CREATING", "STARTING", "RESTARTING", "REPAIRING", "WAITING_FOR_RESOURCES",
-            "PROVISIONING", "ACCEPTED"}
+# Any other state (CREATING, WAITING_FOR_RESOURCES, PROVISIONING, REPAIRING, ...) is waited on.
 _LOST = {"PREEMPTED", "TERMINATED", "FAILED", "SUSPENDED", "STOPPED", "SUSPENDING"}
 # The tail command's exit status when the job left no exit status (killed, host rebooted).
 _NO_STATUS = 250
@@ -113,7 +112,7 @@ class Launch:
       if result.not_found or self.args.dry_run:
         return None
       raise LaunchError(f"cannot read the state of {self.args.name}: "
-                        f"{gcloud_lib._tail(result)}")  # pylint: disable=protected-access
+                        f"{gcloud_lib.tail_of(result)}")
     return result.stdout.strip().upper() or None
 
   def ensure_slice(self, known: str | None = None) -> None:
@@ -143,11 +142,11 @@ class Launch:
     if result.no_capacity:
       raise LaunchError(
           f"creating {s.accelerator_type} in {self.args.zone} was refused for quota or "
-          f"capacity: {gcloud_lib._tail(result)}\n"  # pylint: disable=protected-access
+          f"capacity: {gcloud_lib.tail_of(result)}\n"
           "Try --queued (waits for capacity), another --zone, a smaller --accelerator, or "
           "ask for quota (console: IAM & Admin > Quotas).")
     raise LaunchError(f"creating {self.args.name} failed: "
-                      f"{gcloud_lib._tail(result, 2000)}")  # pylint: disable=protected-access
+                      f"{gcloud_lib.tail_of(result, 2000)}")
 
   def wait_ready(self) -> None:
     deadline = time.time() + self.args.ready_timeout_s
@@ -173,7 +172,7 @@ class Launch:
     result = self.gcloud.run(command)
     if result.returncode != 0 and not result.not_found:
       raise LaunchError(f"deleting {self.args.name} failed: "
-                        f"{gcloud_lib._tail(result)}")  # pylint: disable=protected-access
+                        f"{gcloud_lib.tail_of(result)}")
 
   # --- 2. install ---------------------------------------------------------------------------
 

@@ -127,13 +127,14 @@ class Gcloud:
         if result.stdout.strip():
           self.say(result.stdout.rstrip())
         return result
-      self.say(f"{what} failed (try {attempt}/{tries}): {_tail(result)}")
+      self.say(f"{what} failed (try {attempt}/{tries}): {tail_of(result)}")
       if attempt < tries:
         time.sleep(wait_s)
-    raise LaunchError(f"{what} failed {tries} times; last output:\n{_tail(result, 2000)}\n"
+    raise LaunchError(f"{what} failed {tries} times; last output:\n{tail_of(result, 2000)}\n"
                       "The slice is kept: run the same command again to continue from here.")
 
 
-def _tail(result: Result, chars: int = 400) -> str:
+def tail_of(result: Result, chars: int = 400) -> str:
+  """The end of a failed command's error output (or its exit status), for a message."""
   text = (result.stderr or result.stdout).strip()
   return text[-chars:] if text else f"exit status {result.returncode}"
