@@ -16,7 +16,8 @@ import os
 from typing import Any
 
 import ml_collections
-from etils import epath
+
+from balcap import paths
 
 # Modes of `python -m balcap.main`; `balcap.main.MODE_RUNNERS` says which are in this version.
 MODES = ("sft", "train", "eval", "caption", "export", "data", "compile")
@@ -515,7 +516,7 @@ def _data_problems(data) -> list[str]:
   if data.name == "caption_folder" and not folder.manifest:
     problems.append("config.data.caption_folder.manifest is empty but config.data.name is "
                     "'caption_folder'; set it to your manifest.jsonl")
-  elif data.name == "caption_folder" and not epath.Path(folder.manifest).exists():
+  elif data.name == "caption_folder" and not paths.exists(folder.manifest):
     problems.append(f"config.data.caption_folder.manifest={folder.manifest!r}: no such file")
   held_out = folder.validation_fraction + folder.test_fraction
   if folder.validation_fraction < 0 or folder.test_fraction < 0 or held_out >= 1:
@@ -688,13 +689,13 @@ def _eval_problems(e, config_model_checkpoint: str) -> list[str]:
     problems.append("mode eval needs captions to score: config.eval.run (a train/sft workdir), "
                     "config.model.checkpoint (an HF folder) or config.eval.captions (a JSONL "
                     "file); a randomly initialised policy is not evaluated")
-  if e.captions and not epath.Path(e.captions).exists():
+  if e.captions and not paths.exists(e.captions):
     problems.append(f"config.eval.captions={e.captions!r}: no such file")
   for benchmark, field in _JUDGED.items():
     if benchmark in e.benchmarks and not e[field]:
       problems.append(f"config.eval.benchmarks has {benchmark} but config.eval.{field} is "
                       "empty; give the benchmark's folder (README, Evaluating)")
-    elif benchmark in e.benchmarks and not epath.Path(e[field]).is_dir():
+    elif benchmark in e.benchmarks and not paths.isdir(e[field]):
       problems.append(f"config.eval.{field}={e[field]!r} is not a folder")
   if any(b in e.benchmarks for b in _JUDGED) and not (e.judge.base_url and e.judge.model):
     problems.append("config.eval.judge.base_url and .model name the benchmarks' judge (an "

@@ -13,10 +13,9 @@ import os
 import sys
 
 from absl import app, flags, logging
-from etils import epath
 from ml_collections import config_flags
 
-from balcap import configs, parallel
+from balcap import configs, parallel, paths
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/tiny.py or configs/tiny.py:mode=data.",
@@ -117,10 +116,9 @@ def main(argv):
   runner = MODE_RUNNERS[config.mode]  # validate() accepts configs.MODES only
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
-  if jax.process_index() == 0:  # epath: workdir may be a bucket (gs://...)
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / "config.json").write_text(
-        json.dumps(config.to_dict(), indent=2, default=str))
+  if jax.process_index() == 0:  # workdir may be a bucket (gs://...)
+    paths.write_text(os.path.join(workdir, "config.json"),
+                     json.dumps(config.to_dict(), indent=2, default=str))
   logging.info("mode %s, workdir %s, %d devices on %d processes", config.mode, workdir,
                jax.device_count(), jax.process_count())
   try:

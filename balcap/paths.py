@@ -34,8 +34,6 @@ def is_remote(path: PathLike) -> bool:
   return bool(_REMOTE.match(os.fspath(path)))
 
 
-def to_path(path: PathLike) -> epath.Path:
-  return epath.Path(path)
 
 
 def join(base: PathLike, *parts: str) -> str:
@@ -113,8 +111,6 @@ def write_text(path: PathLike, text: str) -> None:
   os.replace(f.name, path)
 
 
-def remove(path: PathLike) -> None:
-  epath.Path(path).unlink(missing_ok=True)
 
 
 class LineAppender:
@@ -164,11 +160,6 @@ class LineAppender:
       self._file.close()
 
 
-def append_lines(path: PathLike, lines: Iterable[str]) -> None:
-  """One-off append (reads and rewrites a remote file: use a LineAppender in a loop)."""
-  appender = LineAppender(path)
-  appender.write(lines)
-  appender.close()
 
 
 def local_mirror(path: PathLike) -> str:

@@ -16,9 +16,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
-from etils import epath
 
-from balcap import checkpoint, configs, models, parallel
+from balcap import checkpoint, configs, models, parallel, paths
 from balcap.models import policy as policy_lib
 
 STAGES = ("sft", "rl")
@@ -41,10 +40,10 @@ def checkpoint_dir(run: str, stage: str) -> str:
 
 def _steps(directory: str) -> list[int]:
   # Read-only: opening a Checkpointer on a missing folder would create it.
-  path = epath.Path(directory)
-  if not path.exists():
+  if not paths.exists(directory):
     return []
-  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").exists())
+  return sorted(int(name) for name in paths.listdir(directory)
+                if name.isdigit() and paths.exists(os.path.join(directory, name, "state")))
 
 
 def find(run: str, stage: str = "latest", step: int = -1) -> Source:
@@ -95,7 +94,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def architecture(model: ml_collections.ConfigDict) -> tuple[models.Family, Any]:
   """The family and model config the run trained: from its base folder when it had one."""
   if model.checkpoint:
-    if not epath.Path(model.checkpoint).exists():
+    if not paths.exists(model.checkpoint):
       raise configs.BalcapError(
           f"the run was trained from {model.checkpoint}, which is not on this machine; set "
           "--config.model.checkpoint to a copy of that HF folder (its config and tokenizer "

@@ -61,6 +61,22 @@ def _poll(resource, ready):
   return ready
 
 
+def _create(state, key, first_state):
+  """A slice or queued resource that answers `first_state` to one describe, then is ready."""
+  if state.get("refuse_create"):
+    sys.stderr.write(state["refuse_create"])
+    return 1
+  state[key] = {"state": first_state, "polls": 1}
+  return 0
+
+
+def _delete(state, *keys):
+  for key in keys:
+    state[key] = None
+  state["installed"] = []  # a new slice has fresh disks
+  return 0
+
+
 def answer(argv, state):
   assert argv[:2] == ["compute", "tpus"], argv
   kind, verb, name = argv[2], argv[3], argv[4]
@@ -74,15 +90,9 @@ def answer(argv, state):
         state["vm"] = state.get("vm") or {"state": "READY"}
       return 0
     if verb == "create":
-      if state.get("refuse_create"):
-        sys.stderr.write(state["refuse_create"])
-        return 1
-      state["queued"] = {"state": "WAITING_FOR_RESOURCES", "polls": 1}
-      return 0
+      return _create(state, "queued", "WAITING_FOR_RESOURCES")
     if verb == "delete":
-      state["queued"] = state["vm"] = None
-      state["installed"] = []
-      return 0
+      return _delete(state, "queued", "vm")
   if kind == "tpu-vm":
     vm = state.get("vm")
     if verb == "describe":
@@ -92,15 +102,9 @@ def answer(argv, state):
       print(_poll(vm, "READY"))
       return 0
     if verb == "create":
-      if state.get("refuse_create"):
-        sys.stderr.write(state["refuse_create"])
-        return 1
-      state["vm"] = {"state": "CREATING", "polls": 1}
-      return 0
+      return _create(state, "vm", "CREATING")
     if verb == "delete":
-      state["vm"] = None
-      state["installed"] = []
-      return 0
+      return _delete(state, "vm")
     if not vm or vm["state"] != "READY":
       sys.stderr.write(f"ERROR: (gcloud.compute.tpus.tpu-vm.{verb}) node {name} is not ready\n")
       return 1
