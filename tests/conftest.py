@@ -25,6 +25,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"  # the costly ones only
+# balcap's local copies of remote files (paths.local_mirror) in a directory of this process's
+# own, never the user's ~/.cache: pytest-xdist's workers share the fake bucket's names.
+_MIRRORS = tempfile.mkdtemp(prefix="balcap-mirror-")
+atexit.register(shutil.rmtree, _MIRRORS, ignore_errors=True)
+os.environ["BALCAP_CACHE"] = _MIRRORS
 
 import pytest  # pylint: disable=wrong-import-position
 

@@ -19,7 +19,9 @@ lowered again with every layer scan unrolled (`layers.unrolled_scans`: same para
 the update's micro-batch loop is measured at one and two micro-batches and extrapolated
 linearly (`programs.Program.cost_parts`); the decode loop is reported through its parts
 (`sample` holds the whole sampler's memory; its time is `sample_prefill` plus
-`sample_decode_step` times the new tokens). Memory is that of the program as it runs.
+`sample_decode_step` times the new tokens). On a TPU the cost-only copies are also compiled
+without collective-matmul loops and without on-core prefetching (`_COST_ONLY_OPTIONS`), so
+FLOPs count every matmul and bytes are HBM bytes. Memory is that of the program as it runs.
 """
 
 from __future__ import annotations
@@ -113,20 +115,34 @@ def analyze(program: programs.Program, target: hardware.Target,
   return result
 
 
-# For the cost-only compiles of an unrolled program, on a TPU: without the latency-hiding
-# scheduler nothing is prefetched layers ahead, so a program whose every layer and micro-batch
-# is unrolled fits where the scheduled one may not. Scheduling moves no FLOPs and no bytes.
-_COST_ONLY_OPTIONS = {"tpu": {"xla_tpu_enable_latency_hiding_scheduler": False}}
+# The cost-only compiles on a TPU change where data sits and how collectives overlap, never
+# which FLOPs run or which bytes must cross HBM:
+# - no windowed einsums: with a tensor axis XLA rewrites an all-gather (or reduce-scatter) and
+#   its matmul into a loop over the shards ("collective matmul"), and the cost analysis counts
+#   a loop body once. The qwen7b score program at fsdp 16 x tensor 4 (v5e-64) counted 97 TFLOP
+#   with them (0.51x the formula, 379 loops) and 190 TFLOP (1.00x) without;
+# - no memory-space assignment: MSA prefetches operands into the chip's on-core memory (`S(1)`
+#   in the HLO), and each prefetch's read and write and the on-core reads all count as bytes
+#   accessed. Without it every access is an HBM access, which is what the roofline's HBM
+#   bandwidth needs (the same program: 902 -> 730 GB).
+_COST_ONLY_OPTIONS = {"tpu": {"xla_msa_enable": False,
+                              "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                              "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}}
+# When even that does not fit: without the latency-hiding scheduler nothing is prefetched
+# layers ahead, so a program whose every layer and micro-batch is unrolled fits where the
+# scheduled one may not. Scheduling moves no FLOPs and no bytes.
+_COST_ONLY_FALLBACK = {"tpu": {"xla_tpu_enable_latency_hiding_scheduler": False}}
 
 
 def _compile_for_costs(lowered, platform: str):
+  options = _COST_ONLY_OPTIONS.get(platform, {})
   try:
-    return lowered.compile()
+    return lowered.compile(options) if options else lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
-    options = _COST_ONLY_OPTIONS.get(platform)
-    if options is None or "RESOURCE_EXHAUSTED" not in str(e):
+    fallback = _COST_ONLY_FALLBACK.get(platform)
+    if fallback is None or "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    return lowered.compile(options)
+    return lowered.compile({**options, **fallback})
 
 
 def _costs(program: programs.Program, target: hardware.Target) -> tuple[float, float]:

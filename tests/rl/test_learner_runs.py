@@ -1,6 +1,6 @@
-"""Whole RL runs of the learner in subprocesses: SIGKILL and resume, 2 hosts vs 1, and the
-same with the judge overlapped (config.rl.async_rewards, rollouts in flight across a restart),
-and that restart again from a gs:// workdir both hosts share.
+"""Whole RL runs of the learner in subprocesses: SIGKILL and resume, 2 hosts vs 1, and 2 hosts
+with the judge overlapped (config.rl.async_rewards, rollouts in flight across a restart)
+restarting from a gs:// workdir both hosts share.
 
 Each run is `tests/learner_program.py` (random tiny policy, CapWorld judge, 2 prompts x G=4,
 checkpoints every 2 steps) and prints a digest of its final params' bytes: equal digests mean
@@ -76,14 +76,11 @@ def _start_hosts(workdir, tfds_dir, steps, **kwargs):
                  JAX_PROCESS_ID=str(i), **kwargs) for i in range(2)]
 
 
-@pytest.mark.parametrize("async_rewards", [False, True], ids=["sync", "async_rewards"])
-def test_a_run_killed_mid_step_resumes_to_bitwise_equal_params(tmp_path, tfds_dir,
-                                                               async_rewards):
-  # Async: every checkpoint holds the next step's rollouts, sampled before the update the
-  # checkpoint follows; the resumed run re-makes their prompts and judges them again.
-  uninterrupted = _start(tmp_path / "whole", tfds_dir, 6,  # alongside: compiles overlap
-                         async_rewards=async_rewards)
-  killed = _start(tmp_path / "killed", tfds_dir, 6, async_rewards=async_rewards)
+def test_a_run_killed_mid_step_resumes_to_bitwise_equal_params(tmp_path, tfds_dir):
+  # With async_rewards the checkpoint also holds the next step's rollouts: that restart is
+  # test_async_rewards_on_two_hosts_complete_and_resume_exactly's.
+  uninterrupted = _start(tmp_path / "whole", tfds_dir, 6)  # alongside: compiles overlap
+  killed = _start(tmp_path / "killed", tfds_dir, 6)
   deadline = time.time() + 300
   while 5 not in _logged_steps(tmp_path / "killed"):  # step 5 done, step 6 under way
     assert killed.poll() is None and time.time() < deadline, killed.communicate()[0]
@@ -92,7 +89,7 @@ def test_a_run_killed_mid_step_resumes_to_bitwise_equal_params(tmp_path, tfds_di
   killed.communicate(timeout=60)
   whole = _finish(uninterrupted)
   assert whole[0] == ["None", "6"]
-  resumed = _finish(_start(tmp_path / "killed", tfds_dir, 6, async_rewards=async_rewards))
+  resumed = _finish(_start(tmp_path / "killed", tfds_dir, 6))
   # From the last COMPLETE checkpoint (saves are asynchronous: step 4's may still have been
   # in flight when the kill came, never half-used), then on to the end.
   assert resumed[0] in (["2", "6"], ["4", "6"])
@@ -100,8 +97,9 @@ def test_a_run_killed_mid_step_resumes_to_bitwise_equal_params(tmp_path, tfds_di
 
 
 def test_one_step_on_two_hosts_equals_one_host(tmp_path, tfds_dir):
-  one_host = _finish(_start(tmp_path / "one", tfds_dir, "one_step", devices=2))
+  one = _start(tmp_path / "one", tfds_dir, "one_step", devices=2)  # alongside the two hosts
   results = [_finish(host) for host in _start_hosts(tmp_path / "two", tfds_dir, "one_step")]
+  one_host = _finish(one)
   assert results[0] == results[1]  # one replicated state
   assert results[0][0][1] == "1" and float(results[0][0][0]) > 0  # a step with signal
   assert results[0] == one_host  # same advantages (global statistics), same params
