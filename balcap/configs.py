@@ -299,6 +299,17 @@ def known_options(cls: type, section: Any, what: str) -> dict[str, Any]:
   return values
 
 
+def full_architecture(architecture: dict[str, Any]) -> dict[str, Any]:
+  """`architecture` (a family's spelling, as config files write it) with every field of the
+  family's config present: the given values, and the defaults for the rest. ml_collections
+  overrides only the fields a config already has, so config files pass their architecture
+  through this to make any field settable on the command line
+  (`--config.model.architecture.text.rope_theta=100`); the model is the same."""
+  from balcap.models import policy  # pylint: disable=import-outside-toplevel  (jax, flax)
+  family = policy.family_of(architecture.get("family"))
+  return family.config_class.from_dict(dict(architecture)).architecture()
+
+
 def paper_rl_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The RL settings of a real run (configs/qwen3b.py, qwen7b.py, llava7b.py), in one place.
 

@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.model.param_dtype = "float32"
   c.model.remat = "full"  # 32 layers of 4096 and 576 image tokens per prompt
   c.model.pad_to_square = True
-  c.model.architecture = {
+  c.model.architecture = configs.full_architecture({
       "family": "llava",
       # Vicuna-7B v1.5 (LLaMA-2 architecture) with llava-hf's <image> (32000) and <pad> (32001)
       # rows, padded to 32064.
@@ -35,7 +35,7 @@ def get_config(arg=None):
                      hidden_act="quick_gelu", feature_layer=-2, select_strategy="default"),
       "image_token_id": 32000, "pad_token_id": 32001, "eos_token_ids": (2,),
       "projector_act": "gelu", "projector_bias": True,
-  }
+  })
   c.mesh = configs.mesh_preset(arg.hardware)
   if arg.hardware == "tpu":
     # 16 GiB chips with every chip one FSDP shard: the decoder's bf16 weights (13.5 GB) cannot

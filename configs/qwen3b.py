@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"  # 36 layers at RL batch sizes do not fit on 16 GB chips without it
-  c.model.architecture = {
+  c.model.architecture = configs.full_architecture({
       "family": "qwen2_5_vl",
       # From Qwen/Qwen2.5-VL-3B-Instruct config.json (transformers 4.41.2 format).
       "text": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
@@ -36,6 +36,6 @@ def get_config(arg=None):
                      hidden_act="silu", tokens_per_second=2),
       "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
       "vision_end_token_id": 151653, "eos_token_ids": (151645,),
-  }
+  })
   c.mesh = configs.mesh_preset(arg.hardware)
   return configs.paper_rl_settings(c)

@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = "full"  # 28 layers of 3584 at RL batch sizes do not fit without it
-  c.model.architecture = {
+  c.model.architecture = configs.full_architecture({
       "family": "qwen2_5_vl",
       # From Qwen/Qwen2.5-VL-7B-Instruct config.json (transformers 4.41.2 format).
       "text": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
@@ -37,7 +37,7 @@ def get_config(arg=None):
                      hidden_act="silu", tokens_per_second=2),
       "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
       "vision_end_token_id": 151653, "eos_token_ids": (151645,),
-  }
+  })
   c.mesh = configs.mesh_preset(arg.hardware)
   if arg.hardware == "tpu":
     # 16 GiB chips: with every chip one FSDP shard the decoder's bf16 weights (15.2 GB) cannot

@@ -46,7 +46,7 @@ def get_config(arg=None):
   c.model.tokenizer = os.path.join(os.path.dirname(capworld.__file__), "tokenizer")
   c.model.dtype = c.model.param_dtype = "float32"  # CPU: fp32 matmuls are the fast ones
   c.model.scan_layers = False  # CPU: unrolled layers decode faster
-  c.model.architecture = {
+  c.model.architecture = configs.full_architecture({
       "family": "qwen2_5_vl",
       "text": dict(vocab_size=896, hidden_size=128, intermediate_size=384, num_layers=4,
                    num_heads=4, num_kv_heads=2, mrope_section=(4, 6, 6),
@@ -55,7 +55,7 @@ def get_config(arg=None):
                      out_hidden_size=128, window_size=56, fullatt_block_indexes=(1,)),
       "image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3,
       "vision_end_token_id": 4, "eos_token_ids": (2,),
-  }
+  })
   c.model.max_pixels = 224 * 224
 
   c.sampling.max_new_tokens = 96  # references are ~22 words (~30 tokens)

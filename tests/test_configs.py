@@ -132,6 +132,41 @@ def test_architecture_errors_name_the_field():
   assert "neither checkpoint nor architecture is set" in problem
 
 
+@pytest.mark.parametrize("name", ["tiny", "qwen3b", "qwen7b", "llava7b"])
+def test_every_architecture_field_can_be_set_on_the_command_line(name):
+  """ml_collections overrides only fields a config has: the shipped configs carry them all."""
+  from ml_collections.config_flags import config_path  # pylint: disable=import-outside-toplevel
+  from balcap.models import policy  # pylint: disable=import-outside-toplevel
+  config = load_config_file(name)
+  # What `--config.model.architecture.text.rope_theta=100.0` runs.
+  config_path.set_value("model.architecture.text.rope_theta", config, 100.0)
+  config_path.set_value("model.architecture.text.rms_norm_eps", config, 1e-5)
+  text = policy.architecture_from_config(config.model).text
+  assert (text.rope_theta, text.rms_norm_eps) == (100.0, 1e-5)
+
+
+def test_a_full_architecture_is_the_same_model():
+  from balcap.models import policy  # pylint: disable=import-outside-toplevel
+  from balcap.models.llava import LlavaConfig  # pylint: disable=import-outside-toplevel
+  qwen = {"family": "qwen2_5_vl",
+          "text": dict(vocab_size=896, hidden_size=128, intermediate_size=384, num_layers=4,
+                       num_heads=4, num_kv_heads=2, mrope_section=(4, 6, 6)),
+          "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                         out_hidden_size=128, fullatt_block_indexes=(1,))}
+  llava = {"family": "llava",  # its text section in llama_lm.llama_config's arguments
+           "text": dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                        num_heads=4, num_kv_heads=4),
+           "vision": dict(image_size=28, patch_size=14, hidden_size=16, intermediate_size=32,
+                          num_layers=2, num_heads=2, feature_layer=-2),
+           "image_token_id": 60, "pad_token_id": 61}
+  for partial in (qwen, llava):
+    full = configs.full_architecture(partial)
+    assert "rope_theta" in full["text"] and "rms_norm_eps" in full["text"]
+    family = policy.family_of(partial["family"]).config_class
+    assert family.from_dict(full) == family.from_dict(partial)
+  assert isinstance(family.from_dict(full), LlavaConfig)
+
+
 def test_reward_and_advantage_settings_are_checked():
   config = load_config_file("tiny")
   config.rewards.judge = "openai"
