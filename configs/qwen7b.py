@@ -43,7 +43,7 @@ def get_config(arg=None):
     # 16 GiB chips: with every chip one FSDP shard the decoder's bf16 weights (15.2 GB) cannot
     # be gathered on each chip for sampling. Split four ways over `tensor` they can, and every
     # program fits with room (v5e-64, fsdp 16 x tensor 4, per chip: sample 4.93 GiB, score
-    # 1.59, update 6.27 of 16). Roofline per RL step ~17 s (decode 19.6 ms x 512 + score 1.1 s +
-    # update 5.7 s) against ~30 s at fsdp 64 (48 ms x 512 + 1.0 + 4.7). README, compile report.
+    # 1.59, update 6.27 of 16). Roofline per RL step ~7.5 s (decode 5.8 ms x 512 + score 0.97 s
+    # + update 3.6 s) against ~30 s at fsdp 64 (48 ms x 512 + 1.0 + 4.7). README, compile report.
     c.mesh.tensor = 4
   return configs.paper_rl_settings(c)

@@ -154,3 +154,34 @@ def test_libtpus_out_of_hbm_wording_reads_as_does_not_fit():
       "Used 15.76G of 15.75G hbm. Exceeded hbm capacity by 16.29M."))
   assert failed["fits"] is False and failed["required"] == pytest.approx(15.76 * 2 ** 30)
   assert failed["available"] == pytest.approx(15.75 * 2 ** 30)
+
+
+def test_tpu_cost_copies_count_every_matmul_and_only_hbm_bytes():
+  """On a TPU the cost-only copies are compiled without collective-matmul loops (counted once
+  by the cost analysis) and without on-core prefetching (counted as extra bytes); one that
+  still runs out of memory is compiled again without the latency-hiding scheduler. Elsewhere
+  they compile as they are."""
+  calls = []
+
+  class Lowered:
+    def __init__(self, fail_first):
+      self.fail_first = fail_first
+
+    def compile(self, options=None):
+      calls.append(options)
+      if self.fail_first and len(calls) == 1:
+        raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm.")
+      return "compiled"
+
+  compile_for_costs = report._compile_for_costs  # pylint: disable=protected-access
+  assert compile_for_costs(Lowered(fail_first=True), "tpu") == "compiled"
+  assert calls[0] == {"xla_msa_enable": False,
+                      "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+  assert calls[1] == {**calls[0], "xla_tpu_enable_latency_hiding_scheduler": False}
+  calls.clear()
+  assert compile_for_costs(Lowered(fail_first=False), "cpu") == "compiled"
+  assert calls == [None]
+  calls.clear()
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    compile_for_costs(Lowered(fail_first=True), "cpu")
