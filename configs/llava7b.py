@@ -38,12 +38,13 @@ def get_config(arg=None):
   })
   c.mesh = configs.mesh_preset(arg.hardware)
   if arg.hardware == "tpu":
-    # 16 GiB chips with every chip one FSDP shard: the decoder's bf16 weights (13.5 GB) cannot
-    # be gathered on each chip for sampling (the Qwen 7B's sampler would need 22.8 GiB), so
-    # decode steps gather them from the FSDP shards (qwen7b on a v5e-64: sampler 11.1 GiB,
-    # 48 ms per decode step at the roofline). --config.mesh.fsdp=16 --config.mesh.tensor=4
-    # with gather_weights=True samples in 4.9 GiB at 20 ms per step (README, compile report).
-    c.sampling.gather_weights = False
+    # 16 GiB chips: with every chip one FSDP shard the decoder's bf16 weights (13.5 GB) cannot
+    # be gathered on each chip for sampling. Split four ways over `tensor` they can, and every
+    # program fits (v5e-64, fsdp 16 x tensor 4, per chip: sample 9.81 GiB, decode step 7.77,
+    # score 1.18, update 9.18 of 16; 32 KV heads and 576 image tokens make its KV cache ~4x
+    # Qwen 7B's). Roofline per RL step ~13 s (sampler 7.0 s: decode 13.6 ms x 512 at 1.33x
+    # its ideal bytes; score 1.3 s; update 5.0 s at 0.97x the FLOP formula). README.
+    c.mesh.tensor = 4
   c = configs.paper_rl_settings(c)
   # CLIP's last block and pooler norm are loaded and saved but never used (features come from
   # block 22): frozen, they keep their checkpoint values and carry no Adam state (~50M params).
