@@ -1,8 +1,11 @@
 """Config files, `file.py:key=val` arguments and validate()'s errors."""
 
 import pytest
+from ml_collections.config_flags import config_path
 
 from balcap import configs
+from balcap.models import policy
+from balcap.models.llava import LlavaConfig
 from testlib import load_config_file
 
 
@@ -135,8 +138,6 @@ def test_architecture_errors_name_the_field():
 @pytest.mark.parametrize("name", ["tiny", "qwen3b", "qwen7b", "llava7b"])
 def test_every_architecture_field_can_be_set_on_the_command_line(name):
   """ml_collections overrides only fields a config has: the shipped configs carry them all."""
-  from ml_collections.config_flags import config_path  # pylint: disable=import-outside-toplevel
-  from balcap.models import policy  # pylint: disable=import-outside-toplevel
   config = load_config_file(name)
   # What `--config.model.architecture.text.rope_theta=100.0` runs.
   config_path.set_value("model.architecture.text.rope_theta", config, 100.0)
@@ -146,8 +147,6 @@ def test_every_architecture_field_can_be_set_on_the_command_line(name):
 
 
 def test_a_full_architecture_is_the_same_model():
-  from balcap.models import policy  # pylint: disable=import-outside-toplevel
-  from balcap.models.llava import LlavaConfig  # pylint: disable=import-outside-toplevel
   qwen = {"family": "qwen2_5_vl",
           "text": dict(vocab_size=896, hidden_size=128, intermediate_size=384, num_layers=4,
                        num_heads=4, num_kv_heads=2, mrope_section=(4, 6, 6)),
