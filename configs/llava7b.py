@@ -41,7 +41,7 @@ def get_config(arg=None):
     # 16 GiB chips: with every chip one FSDP shard the decoder's bf16 weights (13.5 GB) cannot
     # be gathered on each chip for sampling. Split four ways over `tensor` they can, and every
     # program fits (v5e-64, fsdp 16 x tensor 4, per chip: sample 9.81 GiB, decode step 7.77,
-    # score 1.18, update 9.18 of 16; 32 KV heads and 576 image tokens make its KV cache ~4x
+    # score 1.18, update 9.18 of 16; 32 KV heads and 576 image tokens make its KV cache ~8x
     # Qwen 7B's). Roofline per RL step ~13 s (sampler 7.0 s: decode 13.6 ms x 512 at 1.33x
     # its ideal bytes; score 1.3 s; update 5.0 s at 0.97x the FLOP formula). README.
     c.mesh.tensor = 4
