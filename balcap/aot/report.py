@@ -124,7 +124,8 @@ def analyze(program: programs.Program, target: hardware.Target,
 # - no memory-space assignment: MSA prefetches operands into the chip's on-core memory (`S(1)`
 #   in the HLO), and each prefetch's read and write and the on-core reads all count as bytes
 #   accessed. Without it every access is an HBM access, which is what the roofline's HBM
-#   bandwidth needs (the same program: 902 -> 730 GB).
+#   bandwidth needs (the same program: 902 -> 730 GB); an upper bound, as the program that
+#   runs may keep an operand on core and read it from HBM once.
 _COST_ONLY_OPTIONS = {"tpu": {"xla_msa_enable": False,
                               "xla_tpu_enable_windowed_einsum_for_all_gather": False,
                               "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}}
