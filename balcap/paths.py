@@ -34,8 +34,6 @@ def is_remote(path: PathLike) -> bool:
   return bool(_REMOTE.match(os.fspath(path)))
 
 
-
-
 def join(base: PathLike, *parts: str) -> str:
   """base/part/... as a string; keeps a gs:// prefix intact (os.path.join does too, but
   this makes the intent plain and is the one place to change if that ever differs)."""
@@ -111,8 +109,6 @@ def write_text(path: PathLike, text: str) -> None:
   os.replace(f.name, path)
 
 
-
-
 class LineAppender:
   """Appends text lines to a file that may live on an object store.
 
@@ -158,8 +154,6 @@ class LineAppender:
     self.flush()
     if not self._remote:
       self._file.close()
-
-
 
 
 def local_mirror(path: PathLike) -> str:

@@ -6,8 +6,8 @@ test starts, which inherits it) sees the same 8-device CPU platform.
 One persistent compilation cache serves the whole session, both pytest-xdist workers
 (pytest.ini) included: many tests start processes that compile the same tiny programs (a run,
 its killed twin's resume, the demo's second run), and a program compiled once is then read
-back. tests/rl/test_learner_runs.py took 188 s with it
-against 263 s without, side by side on the 2-core machine; its bitwise-resume checks hold.
+back. tests/rl/test_learner_runs.py took 188 s with it against 263 s without, side by side on
+the 2-core machine; its bitwise-resume checks hold.
 """
 
 import atexit

@@ -136,14 +136,14 @@ _COST_ONLY_FALLBACK = {"tpu": {"xla_tpu_enable_latency_hiding_scheduler": False}
 
 
 def _compile_for_costs(lowered, platform: str):
-  options = _COST_ONLY_OPTIONS.get(platform, {})
+  options = _COST_ONLY_OPTIONS.get(platform)  # None: the backend's defaults
   try:
-    return lowered.compile(options) if options else lowered.compile()
+    return lowered.compile(options)
   except Exception as e:  # pylint: disable=broad-except
     fallback = _COST_ONLY_FALLBACK.get(platform)
     if fallback is None or "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    return lowered.compile({**options, **fallback})
+    return lowered.compile({**(options or {}), **fallback})
 
 
 def _costs(program: programs.Program, target: hardware.Target) -> tuple[float, float]:
