@@ -103,6 +103,14 @@ def base_config() -> ml_collections.ConfigDict:
   # sft/image_gain says whether the policy reads the image (`sft.ImageGain`); 0 = off.
   c.sft.image_gain_every = 0
 
+  # CapWorld only: the SFT stage opens by training the vision tower to name each object's
+  # shape, colour and size from the scene graphs (`balcap.vision_pretrain`); 0 = off.
+  c.vision_pretrain = ml_collections.ConfigDict()
+  c.vision_pretrain.num_steps = 0
+  c.vision_pretrain.batch_size = 16  # global images per step
+  c.vision_pretrain.optimizer = _optimizer_section(
+      learning_rate=5e-3, warmup_steps=30, schedule="cosine", min_learning_rate_ratio=0.1)
+
   # RL (mode train): c-GDPO by default, see config.rewards and config.advantage.
   c.rl = ml_collections.ConfigDict()
   c.rl.num_steps = 0               # 0: no RL stage (mode train then only runs SFT and eval)
@@ -736,7 +744,7 @@ def _training_problems(config) -> list[str]:
   from balcap import optim
   from balcap.rl import losses
   problems = []
-  for stage in ("sft", "rl"):
+  for stage in ("vision_pretrain", "sft", "rl"):
     try:
       settings = optim.from_config(config[stage].optimizer)
       if config[stage].num_steps > 0:  # the schedule over this stage's steps
@@ -754,8 +762,9 @@ def _training_problems(config) -> list[str]:
       config.sft.num_steps > 0) and config.mode in ("sft", "train"):
     problems.append("config.sft.target='sft_caption' exists only in CapWorld; use 'reference'")
   if config.sft.num_steps > 0 and config.mode in ("sft", "train"):
-    from balcap import grounding
+    from balcap import grounding, vision_pretrain
     problems.extend(grounding.check_config(config))
+    problems.extend(vision_pretrain.check_config(config))
     every = config.sft.image_gain_every
     if every < 0 or every % config.metrics.log_every_steps:
       problems.append(f"config.sft.image_gain_every={every}: use 0 (off) or a multiple of "

@@ -9,8 +9,10 @@ caption token of the GLOBAL batch (the end token included, so the model learns t
 step is one jitted function with params and optimizer state donated; the loop, checkpoints
 (workdir/sft), resume and metrics are `balcap.loop`'s.
 
-Two options: `sft.image_gain_every` measures whether the policy reads the image at all
-(`ImageGain`), and on CapWorld `sft.grounding_weight` adds `balcap.grounding`'s auxiliary loss.
+Options: `sft.image_gain_every` measures whether the policy reads the image at all
+(`ImageGain`); on CapWorld, `sft.grounding_weight` adds `balcap.grounding`'s auxiliary loss and
+`vision_pretrain.num_steps` first trains the vision tower to see objects
+(`balcap.vision_pretrain`, checkpoints in workdir/sft/vision).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from balcap import grounding, loop, optim, parallel, train_state
+from balcap import grounding, loop, optim, parallel, train_state, vision_pretrain
 from balcap.data import datasets, pipeline
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,8 @@ def run(config, workdir: str, policy=None) -> loop.LoopResult:
     image_gain = ImageGain(policy, datasets.open_split(builder, config.data.eval_split),
                            batch_size=sft.batch_size, prompt=config.sampling.prompt,
                            target=sft.target, max_length=sft.max_length, mesh=mesh)
+  if config.vision_pretrain.num_steps > 0:  # the tower learns to see before SFT starts
+    vision_pretrain.run(config, vision_pretrain.stage_dir(workdir), policy)
   iterator = pipeline.train_iterator(
       source, batch_size=parallel.host_batch_size(sft.batch_size), seed=config.seed,
       read_threads=config.data.read_threads, prefetch_batches=config.data.prefetch_batches)

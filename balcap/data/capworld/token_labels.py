@@ -31,11 +31,10 @@ def num_classes(grid_h: int, grid_w: int) -> dict[str, int]:
           "column": grid_w}
 
 
-def token_labels(scene: Scene, grid_h: int, grid_w: int) -> np.ndarray:
-  """[grid_h * grid_w, 4] int32 labels (shape, colour, row, column), tokens in row-major order
-  (the order Qwen2.5-VL's merged vision tokens take in the sequence). The canvas is divided
-  into grid_h x grid_w equal cells, however the processor resizes the image."""
-  cover = np.zeros((len(scene.objects), grid_h, grid_w), np.float32)
+def object_cover(scene: Scene, grid_h: int, grid_w: int) -> np.ndarray:
+  """[objects, grid_h * grid_w] float32: the share of each token's cell that each object's
+  shape covers (row-major cells of the canvas divided into grid_h x grid_w; labels excluded)."""
+  cover = np.zeros((len(scene.objects), grid_h * grid_w), np.float32)
   for k, obj in enumerate(scene.objects):
     mask = Image.new("L", (scene.width, scene.height), 0)
     draw = ImageDraw.Draw(mask)
@@ -43,7 +42,15 @@ def token_labels(scene: Scene, grid_h: int, grid_w: int) -> np.ndarray:
       draw.polygon([(round(x), round(y)) for x, y in polygon], fill=255)
     # BOX resampling averages every pixel of a cell: the share of it the object covers.
     cover[k] = np.asarray(mask.resize((grid_w, grid_h), Image.Resampling.BOX),
-                          np.float32) / 255.0
+                          np.float32).reshape(-1) / 255.0
+  return cover
+
+
+def token_labels(scene: Scene, grid_h: int, grid_w: int) -> np.ndarray:
+  """[grid_h * grid_w, 4] int32 labels (shape, colour, row, column), tokens in row-major order
+  (the order Qwen2.5-VL's merged vision tokens take in the sequence). The canvas is divided
+  into grid_h x grid_w equal cells, however the processor resizes the image."""
+  cover = object_cover(scene, grid_h, grid_w).reshape(len(scene.objects), grid_h, grid_w)
   rows, columns = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
   shape = np.zeros((grid_h, grid_w), np.int32)
   colour = np.zeros((grid_h, grid_w), np.int32)
