@@ -59,10 +59,10 @@ def check_config(config) -> list[str]:
   if config.data.name != "capworld":
     problems.append("config.vision_pretrain.num_steps > 0 needs CapWorld's scene graphs "
                     f"(config.data.name={config.data.name!r})")
-  arch = config.model.get("architecture") or {}
-  if not arch or arch.get("family") != "qwen2_5_vl":
-    problems.append("config.vision_pretrain.num_steps > 0 needs a Qwen2.5-VL policy given by "
-                    "config.model.architecture")
+  family = (config.model.get("architecture") or {}).get("family")
+  if family not in (None, "qwen2_5_vl"):  # None: the checkpoint's, checked by `run`
+    problems.append("config.vision_pretrain.num_steps > 0 needs a Qwen2.5-VL policy "
+                    f"(config.model.architecture.family={family!r})")
   if section.batch_size <= 0:
     problems.append(f"config.vision_pretrain.batch_size={section.batch_size} must be > 0")
   return problems
@@ -187,6 +187,9 @@ def run(config, workdir: str, policy) -> loop.LoopResult:
   problems = check_config(config)
   if problems:
     raise ValueError("; ".join(problems))
+  if policy.family.model_type != "qwen2_5_vl":
+    raise ValueError("config.vision_pretrain.num_steps > 0 needs a Qwen2.5-VL policy; "
+                     f"config.model gives {policy.family.model_type}")
   section, mesh = config.vision_pretrain, policy.mesh
   optimizer = optim.make_optimizer(optim.from_config(section.optimizer),
                                    total_steps=section.num_steps)

@@ -79,6 +79,10 @@ def test_config_problems_name_the_field():
   config.data.name = "caption_folder"
   assert "CapWorld" in vision_pretrain.check_config(config)[0]
   config.data.name = "capworld"
+  config.model.architecture = {"family": "llava"}
+  assert "config.model.architecture.family='llava'" in vision_pretrain.check_config(config)[0]
+  config.model.architecture = {}  # the checkpoint's architecture: `run` checks the family
+  assert vision_pretrain.check_config(config) == []
   config.vision_pretrain.batch_size = 0
   assert "config.vision_pretrain.batch_size=0" in vision_pretrain.check_config(config)[0]
 
