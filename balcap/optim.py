@@ -281,6 +281,17 @@ def freeze_labels(params: Any, patterns: tuple[str, ...]) -> Any:
                       _matching(params, patterns, "freeze"))
 
 
+def stop_frozen(params: Any, patterns: tuple[str, ...]) -> Any:
+  """`params` with `lax.stop_gradient` on every leaf a `freeze` pattern matches. A step applies
+  it before its loss: the frozen leaves' gradients are then constant zeros, so XLA never
+  computes them (the optimizer discards them anyway), and a frozen vision tower costs no
+  backward pass at all."""
+  if not patterns:
+    return params
+  matches = _matching(params, tuple(patterns), "freeze")
+  return jax.tree.map(lambda p, i: p if i < 0 else jax.lax.stop_gradient(p), params, matches)
+
+
 # ---------------------------------------------------------------------------------------------
 # The optimizer
 

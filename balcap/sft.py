@@ -88,12 +88,14 @@ class Grounding:
 
 
 def make_step(module, optimizer: optax.GradientTransformation, mesh,
-              grounding_loss: Grounding | None = None):
+              grounding_loss: Grounding | None = None, freeze: tuple[str, ...] = ()):
   """The jitted SFT step: (state, inputs) -> (state, metrics), state donated. With
-  `grounding_loss`, state["grounding"] holds the head's params and optimizer state."""
+  `grounding_loss`, state["grounding"] holds the head's params and optimizer state. `freeze`:
+  the optimizer's freeze patterns, whose params get no gradient computed at all."""
 
   def step(state, inputs):
     def loss_fn(params, head):
+      params = optim.stop_frozen(params, freeze)
       model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
       if grounding_loss is None:
         logits = module.apply({"params": params}, **model_inputs)
@@ -211,7 +213,8 @@ def run(config, workdir: str, policy=None) -> loop.LoopResult:
         optimizer=grounding.head_optimizer(optim.from_config(sft.optimizer), sft.num_steps))
     state["grounding"] = grounding.init_state(policy.config.text.hidden_size, classes,
                                               grounding_loss.optimizer, mesh)
-  update = make_step(policy.module, optimizer, mesh, grounding_loss)
+  update = make_step(policy.module, optimizer, mesh, grounding_loss,
+                     freeze=tuple(optim.from_config(sft.optimizer).freeze))
 
   def step_fn(state, examples, step):
     inputs, cut = caption_chats(policy, examples, config.sampling.prompt, sft.target,

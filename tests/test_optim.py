@@ -260,3 +260,25 @@ def test_moments_are_sharded_like_their_params(options):
   counts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)
             if leaf.ndim == 0]
   assert counts and all(c.sharding.spec == PartitionSpec() for c in counts)
+
+
+def test_stop_frozen_gives_zero_gradients_that_are_never_computed():
+  params = {"visual": {"kernel": jnp.ones((64, 64))}, "lm": {"kernel": jnp.ones((64, 64))}}
+  x = jnp.ones((32, 64))
+
+  def loss(p, patterns):
+    p = optim.stop_frozen(p, patterns)
+    hidden = jnp.tanh(x @ p["visual"]["kernel"])
+    return jnp.sum(jnp.tanh(hidden @ p["lm"]["kernel"]))
+
+  plain = jax.grad(loss)(params, ())
+  frozen = jax.grad(loss)(params, ("^visual/",))
+  assert float(jnp.abs(frozen["visual"]["kernel"]).max()) == 0.0
+  np.testing.assert_array_equal(frozen["lm"]["kernel"], plain["lm"]["kernel"])
+  # The frozen branch's backward is gone from the compiled program, not computed and dropped:
+  # the x^T @ d(hidden) matmul of the visual kernel's gradient (2 * 32 * 64 * 64 FLOPs).
+  flops = lambda patterns: jax.jit(jax.grad(loss), static_argnums=1).lower(  # noqa: E731
+      params, patterns).compile().cost_analysis()["flops"]
+  assert flops(()) - flops(("^visual/",)) >= 2 * 32 * 64 * 64
+  with pytest.raises(ValueError, match="freeze pattern"):
+    optim.stop_frozen(params, ("^vision/",))

@@ -100,7 +100,8 @@ class RLStep:
     self.temperature = self.spec.temperature or 1.0
     self.update = update.make_update(
         policy.module, self.optimizer, self.loss_config, num_micro_batches=self.micro_batches,
-        num_passes=rl.num_inner_updates, temperature=self.temperature, mesh=policy.mesh)
+        num_passes=rl.num_inner_updates, temperature=self.temperature, mesh=policy.mesh,
+        freeze=tuple(optim.from_config(rl.optimizer).freeze))
     self._advantages = jax.jit(lambda r, q: advantages_lib.compute(self.advantage_config, r, q))
     self.base_key = jax.random.key(config.seed)
     self._place_inflight = _inflight_placer(policy.mesh)

@@ -53,11 +53,14 @@ def _check_micro_batches(batch: RolloutBatch, parts: int) -> None:
 
 
 def make_update(module, optimizer: optax.GradientTransformation, loss_config: losses.LossConfig,
-                *, num_micro_batches: int, num_passes: int, temperature: float, mesh=None):
+                *, num_micro_batches: int, num_passes: int, temperature: float, mesh=None,
+                freeze: tuple[str, ...] = ()):
   """(state, RolloutBatch) -> (state, metrics), jitted with the state donated (one program
-  per prompt and continuation length)."""
+  per prompt and continuation length). `freeze`: the optimizer's freeze patterns, whose params
+  get no gradient computed at all (`optim.stop_frozen`)."""
 
   def micro_loss(params, features, micro, prompt_length, total_tokens, total_sequences):
+    params = optim.stop_frozen(params, freeze)
     logits = scoring.rows_logits(module, params, micro["rows"], features, prompt_length,
                                  micro["tokens"].shape[1])
     logprobs = scoring.token_logprobs(logits, micro["tokens"], temperature)
@@ -86,7 +89,8 @@ def make_update(module, optimizer: optax.GradientTransformation, loss_config: lo
       features, vision_pullback = None, None
       if c.images:  # the tower once, on each device's own images; its backward once, below
         features, vision_pullback = jax.vjp(
-            lambda p: scoring.encode_images(module, p, c.images), params)
+            lambda p: scoring.encode_images(module, optim.stop_frozen(p, freeze), c.images),
+            params)
 
       def accumulate(sums, micro):
         (_, stats), (grads, feature_grads) = jax.value_and_grad(
