@@ -42,6 +42,8 @@ TARGETS = {
     "time": ("15 minutes or less", lambda b, a, s: s <= 15 * 60),
 }
 _STAGE = re.compile(r"^\[(\d)/5\] (\w+).* in (\d+)s")
+# Printed inside the SFT stage, whose time includes it.
+_VISION = re.compile(r"^\s*vision pre-training: .* in (\d+)s")
 
 
 def run_seed(seed: int, workdir: str, config: str, flags: list[str]) -> dict:
@@ -71,11 +73,23 @@ def summarise_seed(folder: str, seconds: float) -> dict:
     match = _STAGE.match(line)
     if match:
       stages[match.group(2).lower()] = int(match.group(3))
+    match = _VISION.match(line)
+    if match:
+      stages["vision"] = int(match.group(1))
     if line.startswith("done in "):
       total = float(line.split()[2].rstrip("s;"))
   result["seconds"] = total
   result["stages"] = stages
   return result
+
+
+def _stage_seconds(stages: dict) -> str:
+  """"vision / SFT / RL" seconds; SFT without the vision pre-training it opens with."""
+  vision, sft = stages.get("vision"), stages.get("sft")
+  if vision is not None and sft is not None:
+    sft -= vision
+  show = lambda value: "?" if value is None else str(value)  # noqa: E731
+  return f"{'–' if vision is None else vision} / {show(sft)} / {show(stages.get('rl'))}"
 
 
 def targets_met(result: dict) -> dict[str, bool]:
@@ -102,9 +116,9 @@ def summary(results: dict[int, dict]) -> str:
   if all(x is not None for x in se):
     lines.append("| b-CapScore standard error (after) | "
                  + " | ".join(f"{x:.1f}" for x in se) + " | |")
-  lines.append("| minutes (SFT s / RL s) | " + " | ".join(
-      f"{results[s]['seconds'] / 60:.1f} ({results[s]['stages'].get('sft', '?')} / "
-      f"{results[s]['stages'].get('rl', '?')})" for s in seeds) + " | |")
+  lines.append("| minutes (vision s / SFT s / RL s) | " + " | ".join(
+      f"{results[s]['seconds'] / 60:.1f} ({_stage_seconds(results[s]['stages'])})"
+      for s in seeds) + " | |")
   lines.append("")
   for s in seeds:
     met = targets_met(results[s])

@@ -133,6 +133,7 @@ def test_config_problems_name_the_field():
 def test_sft_with_grounding_resumes_its_head_and_hands_over_a_plain_policy(tmp_path):
   config = load_config_file("tiny", "mode=sft")
   config.data = tiny_data_config(tmp_path / "tfds")
+  config.vision_pretrain.num_steps = 0  # its own test: tests/test_vision_pretrain.py
   config.sft.update(num_steps=2, batch_size=8, grounding_weight=0.5, image_gain_every=0)
   config.sft.optimizer.warmup_steps = 1
   config.checkpoint.every_steps = 1

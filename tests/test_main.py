@@ -12,7 +12,9 @@ from testlib import REPO
 # Small enough for the test suite; the README's command runs configs/tiny.py as it is.
 _DATA = ["--config.data.capworld.num_train=40", "--config.data.capworld.num_validation=4",
          "--config.data.capworld.num_test=4"]
-_SMALL = [*_DATA, "--config.sft.num_steps=3", "--config.sft.batch_size=4",
+_SMALL = [*_DATA, "--config.vision_pretrain.num_steps=2", "--config.vision_pretrain.batch_size=4",
+          "--config.vision_pretrain.optimizer.warmup_steps=1",
+          "--config.sft.num_steps=3", "--config.sft.batch_size=4",
           "--config.sft.optimizer.warmup_steps=1", "--config.rl.optimizer.warmup_steps=1",
           "--config.rl.num_steps=2", "--config.rl.batch_size=2", "--config.rl.group_size=4",
           "--config.rl.sample_table_every=2", "--config.sampling.max_new_tokens=8",
