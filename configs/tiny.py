@@ -5,9 +5,10 @@
     python -m balcap.main --config=configs/tiny.py:hardware=tpu  # FSDP over every TPU chip
 
 A Qwen2.5-VL-architecture policy of about 1M parameters, initialised at random, learns to caption
-CapWorld: first by imitating its flawed "SFT" captions (meta commentary, repetition, wrong
-colours, missed objects, bad lengths), then by c-GDPO against the exact CapWorld judge. The run
-ends with a before/after table on the test split.
+CapWorld: its vision tower first learns to see objects (vision pre-training on the scene
+graphs), then the policy imitates CapWorld's flawed "SFT" captions (meta commentary,
+repetition, wrong colours, missed objects, bad lengths), then c-GDPO trains it against the exact
+CapWorld judge. The run ends with a before/after table on the test split.
 """
 
 import os
