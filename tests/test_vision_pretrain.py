@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from balcap import metrics, models, sft, vision_pretrain
+from balcap import metrics, models, parallel, sft, vision_pretrain
 from balcap.data.capworld import Scene, SceneObject, scene_to_json, token_labels
 from testlib import load_config_file, tiny_data_config
 
@@ -97,7 +97,7 @@ def test_sft_opens_with_the_stage_which_trains_only_the_tower_and_resumes(tmp_pa
   config.checkpoint.every_steps = 1
   config.metrics.log_every_steps = 1
   policy = models.policy_from_config(config.model, jax.random.key(config.seed),
-                                     mesh=sft.parallel.make_mesh(config.mesh))
+                                     mesh=parallel.make_mesh(config.mesh))
   before = jax.tree.map(np.asarray, policy.params)
   stage = vision_pretrain.run(config, str(tmp_path / "vision"), policy)
   after = jax.tree.map(np.asarray, policy.params)
@@ -115,7 +115,7 @@ def test_sft_opens_with_the_stage_which_trains_only_the_tower_and_resumes(tmp_pa
   # checkpoint's, not the fresh random one.
   config.vision_pretrain.num_steps = 4
   fresh = models.policy_from_config(config.model, jax.random.key(config.seed),
-                                    mesh=sft.parallel.make_mesh(config.mesh))
+                                    mesh=parallel.make_mesh(config.mesh))
   resumed = vision_pretrain.run(config, str(tmp_path / "vision"), fresh)
   assert resumed.resumed_from == 3 and resumed.step == 4
   step4 = jax.tree.map(np.asarray, fresh.params["visual"])
