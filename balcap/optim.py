@@ -14,7 +14,8 @@ The chain, in order, for the trainable parameters:
 Parameters whose "/"-joined path (relative to the tree given to `init`: the model's params
 without the "params" collection, e.g. "visual/blocks/0/attn/qkv/kernel") matches a `freeze` regex
 (`re.search`) get a zero update and no state at all (optax.multi_transform with set_to_zero):
-freezing the vision tower saves its Adam memory.
+freezing the vision tower saves its Adam memory. The SFT step and the RL update also stop their
+gradients (`stop_frozen`), so a frozen tower's backward pass is never computed.
 
 Updates come out in float32; `apply_updates` adds them to the params in float32 and casts back
 to each param's dtype.
