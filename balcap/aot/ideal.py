@@ -6,10 +6,16 @@ above 1 points at waste (recomputation, redundant work, copies). Conventions:
     sum cost 4 x queries x keys x (heads x head_dim) per layer, over the full (masked) key
     length, as the compiled programs compute it;
   - backward = 2 x forward; full remat adds one more forward (update and SFT);
-  - bytes: every weight the device computes with read once per use (FSDP gathers the full
-    weight onto each device, tensor parallelism splits it), plus the KV cache a decode step
-    must read and the new keys/values it writes, plus, for the update, reading and writing the
-    device's shard of params, gradients and the two Adam moments once.
+  - bytes: what a perfectly fused program still moves through HBM. Every weight the device
+    computes with, read once per use (FSDP gathers the full weight onto each device, tensor
+    parallelism splits it); the KV cache a decode step must read and the new keys/values it
+    writes; the residual stream between layers (each layer reads its input and writes its
+    output once; everything inside a layer stays on chip). Training (`training_bytes`) reads
+    the weights and the residual stream again in each pass over a micro-batch (forward, the
+    remat forward, backward), writes each micro-batch's weight gradients and adds them into
+    the device's f32 gradient shard, and reads and writes the device's shard of params,
+    gradients and the two Adam moments once per step. Logits never reach HBM in this ideal
+    (a fused vocabulary projection and log-softmax), nor do attention scores.
 """
 
 from __future__ import annotations
@@ -82,3 +88,34 @@ def vision_flops(config, d: Dims, images: int, patches_per_image: int) -> float:
   else:
     tower += d.projector_flops_per_image
   return images * tower
+
+
+def residual_bytes(d: Dims, tokens: float, itemsize: int, passes: int) -> float:
+  """HBM bytes of the decoder's residual stream for `tokens` tokens on one device: each of
+  `passes` passes (2 for a forward: read the input and write the output of every layer)."""
+  return passes * d.text_layers * tokens * d.text_hidden * itemsize
+
+
+def training_bytes(weights: float, vision_weights: float, shard_params: float,
+                   micro_batches: int, remat: bool, residual_forward: float) -> float:
+  """Ideal HBM bytes of one training pass over a batch on one device.
+
+  weights / vision_weights: bytes of the decoder / vision weights one device reads for one use
+  (compute dtype, split by tensor parallelism); shard_params: the device's share of all
+  params (elements); residual_forward: the residual stream's forward bytes of ONE micro-batch
+  (`residual_bytes(..., passes=2)`).
+
+  Each micro-batch reads the decoder's weights forward, again in the remat forward, and in
+  the backward (for the input gradient), writes its weight gradients once (compute dtype, the
+  input of the reduce-scatter) and adds them into the f32 gradient shard (read + write); the
+  residual stream is read and written forward, read again by the remat forward, and its
+  gradient read and written backward (2.5 forwards with remat, 2 without: the activations
+  saved without remat are not counted, a lower bound). The vision tower runs once a pass
+  (its weights read as often, its gradients written once).
+  The optimizer then reads params, gradients and both moments and writes params and moments
+  (f32, the device's shard).
+  """
+  reads = 3 if remat else 2
+  residual = residual_forward * (2.5 if remat else 2.0)
+  per_micro = reads * weights + weights + 8 * shard_params + residual
+  return micro_batches * per_micro + (reads + 1) * vision_weights + 7 * 4 * shard_params

@@ -135,6 +135,19 @@ class Builder:
     count = self.text_params + (self.vision_params if vision else 0)
     return count * self.compute_bytes / self.tensor
 
+  def residual_bytes(self, rows: int, tokens: int, passes: int) -> float:
+    """The decoder's residual-stream bytes on one device for `rows` x `tokens` (rows are split
+    over data x fsdp; each tensor shard holds the whole hidden state)."""
+    return ideal.residual_bytes(self.dims, rows * tokens / self.batch_shards,
+                                self.compute_bytes, passes)
+
+  def training_bytes(self, micro: int, residual_forward: float) -> float:
+    """`ideal.training_bytes` of one pass of this model on one device."""
+    decoder = self.weight_bytes(vision=False)
+    return ideal.training_bytes(decoder, self.weight_bytes() - decoder,
+                                (self.text_params + self.vision_params) / self.devices, micro,
+                                self.model_config.text.remat != "none", residual_forward)
+
   def forward_flops(self, rows, tokens, context, scored, images, patches) -> float:
     return (ideal.text_flops(self.dims, rows, tokens, context, scored)
             + ideal.vision_flops(self.model_config, self.dims, images, patches))
@@ -199,9 +212,10 @@ class Builder:
       out.append(Program(
           "score", lambda: lowered_score(micro, rollouts),
           score_flops / self.devices,
-          # the decoder's weights once per micro-batch, the vision tower's once
+          # the decoder's weights once per micro-batch, the vision tower's once, the
+          # residual stream forward
           micro * self.weight_bytes(vision=False) + self.weight_bytes() - self.weight_bytes(
-              vision=False),
+              vision=False) + self.residual_bytes(rollouts, total, passes=2),
           note=f"{rollouts} rollouts of {prompt_length} + {steps} tokens, {micro} "
                "micro-batches", cost_parts=parts))
     if "update" in names:
@@ -254,7 +268,9 @@ class Builder:
     prefill_program = parallel.OnMesh(jax.jit(prefill), self.mesh)
     if "sample_prefill" in names:
       out.append(Program("sample_prefill", lambda: prefill_program.lower(params, inputs),
-                         prefill_flops / self.devices, self.weight_bytes()))
+                         prefill_flops / self.devices,
+                         self.weight_bytes() + self.residual_bytes(
+                             inputs["input_ids"].shape[0], inputs["input_ids"].shape[1], 2)))
     if "sample_decode_step" in names:
       group = spec.num_samples
       with parallel.mesh_context(self.mesh):
@@ -309,12 +325,8 @@ class Builder:
     parts = [(passes * (2.0 - micro), lambda: lowered(1, 1, size))]
     if micro > 1:
       parts.append((passes * (micro - 1.0), lambda: lowered(2, 1, 2 * size)))
-    # Each pass reads the decoder's weights forward and backward in every micro-batch, the
-    # vision tower's once each way, and updates every param shard (f32 param, grad, 2 moments).
-    shard_bytes = 4 * (self.text_params + self.vision_params) / self.devices
-    vision_bytes = self.weight_bytes() - self.weight_bytes(vision=False)
-    ideal_bytes = passes * (micro * 2 * self.weight_bytes(vision=False) + 2 * vision_bytes
-                            + 8 * shard_bytes)
+    length = prompt_inputs["input_ids"].shape[1] + c.sampling.max_new_tokens
+    ideal_bytes = passes * self.training_bytes(micro, self.residual_bytes(size, length, 2))
     return Program("update", lambda: lowered(micro, passes, rollouts),
                    passes * self.training_factor() * score_flops / self.devices, ideal_bytes,
                    note=f"{rollouts} rollouts, {micro} micro-batches, {passes} pass(es), remat "
@@ -341,7 +353,6 @@ class Builder:
     tokens = prepared["input_ids"].shape[1]
     flops = self.training_factor() * self.forward_flops(
         rows, tokens, tokens, tokens, rows, self.patches_per_image(raw))
-    shard_bytes = 4 * (self.text_params + self.vision_params) / self.devices
     return [Program("sft", lambda: program.lower(state, inputs), flops / self.devices,
-                    2 * self.weight_bytes() + 8 * shard_bytes,
+                    self.training_bytes(1, self.residual_bytes(rows, tokens, 2)),
                     note=f"{rows} chats of {tokens} tokens")]

@@ -11,7 +11,8 @@ images (`BOOTSTRAP_RESAMPLES`, fixed seed); the before/after change's is a paire
 an image hard before RL is hard after it too (the demo's SFT policy: about 1.1 points over
 100 test images, so the demo uses 500). Where the judge counts its claims by kind
 (CapWorldJudge's `by_kind`), `right/<kind>` is the share of each kind that is true: which
-attributes (colours, shapes, regions, ...) the captioner reads.
+attributes (colours, shapes, regions, ...) the captioner reads; where its details flag
+captions, `degenerate`, `meta` and `repetitive` are the shares flagged (`FLAGS`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from balcap.rl.rewards import functions
 
 COMPONENTS = ("precision", "recall", "linguistic", "length_ratio")
 JUDGED = ("precision", "recall", "linguistic")
+# Shares of captions a judge flags (`_flags`), where its details say.
+FLAGS = ("degenerate", "meta", "repetitive")
 BOOTSTRAP_RESAMPLES = 1000
 
 
@@ -43,8 +46,9 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
   Metrics are floats, but for `per_image` ({component: [value or None per image]})."""
   if 0 <= num_examples < len(source):
     source = [source[i] for i in range(num_examples)]
-  sums = np.zeros(len(COMPONENTS) + 2)  # + caption words, + degenerate (judges that say)
-  counts = np.zeros(len(COMPONENTS) + 2)
+  # + caption words, + the judge's flags (judges that say: degenerate, meta, repetitive)
+  sums = np.zeros(len(COMPONENTS) + 1 + len(FLAGS))
+  counts = np.zeros(len(COMPONENTS) + 1 + len(FLAGS))
   shown: list[dict[str, Any]] = []
   per_image: list[np.ndarray] = []  # [batch, 3] P, R, L per row (NaN where unscored)
   real_rows: list[np.ndarray] = []  # [batch] False for the padding rows
@@ -73,7 +77,7 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
       for kind, said in ((rewards.judgements[i].details or {}).get("by_kind") or {}).items():
         by_kind[kind] = by_kind.get(kind, np.zeros(2)) + np.asarray(said, np.float64)
       values = [rewards.components[c][i] for c in COMPONENTS] + [
-          len(caption.split()), _degenerate(rewards.judgements[i])]
+          len(caption.split()), *_flags(rewards.judgements[i])]
       for k, value in enumerate(values):
         if not math.isnan(value):
           sums[k] += value
@@ -96,10 +100,12 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
     by_kind = {k: t for k, t in zip(FACT_KINDS, np.asarray(totals).sum(axis=0)) if t[0] > 0}
   means = sums / np.maximum(counts, 1)
   metrics = {name: float(means[k]) for k, name in enumerate(COMPONENTS)}
-  metrics["words"] = float(means[-2])
-  # The share of captions that repeat or contradict themselves, where the judge says so
-  # (CapWorldJudge); NaN otherwise.
-  metrics["degenerate"] = float(means[-1]) if counts[-1] else float("nan")
+  metrics["words"] = float(means[len(COMPONENTS)])
+  # Shares of captions the judge flags (CapWorldJudge; NaN for judges that do not say):
+  # degenerate (repeats or contradicts itself), meta (non-pointable commentary), repetitive
+  # (says a claim or a sentence again).
+  for k, flag in enumerate(FLAGS, start=len(COMPONENTS) + 1):
+    metrics[flag] = float(means[k]) if counts[k] else float("nan")
   metrics["b_capscore"] = float(functions.b_capscore(*(np.array([metrics[c]]) for c in
                                                        ("precision", "recall",
                                                         "linguistic")))[0])
@@ -145,9 +151,13 @@ def change_se(before: dict[str, Any], after: dict[str, Any], seed: int = 0) -> f
   return float(np.nanstd(second - first, ddof=1))
 
 
-def _degenerate(judgement) -> float:
-  flag = (judgement.details or {}).get("degenerate")
-  return float("nan") if flag is None else float(flag)
+def _flags(judgement) -> list[float]:
+  """FLAGS of one judged caption, 1.0 / 0.0, NaN where the judge's details do not say."""
+  details = judgement.details or {}
+  said = {"degenerate": details.get("degenerate"),
+          "meta": None if "non_pointable" not in details else details["non_pointable"] > 0,
+          "repetitive": None if "restated" not in details else details["restated"] > 0}
+  return [float("nan") if said[f] is None else float(said[f]) for f in FLAGS]
 
 
 def _judged(reward: functions.JudgeReward, examples: list[dict], captions: list[str]):
@@ -159,7 +169,7 @@ def score_captions(reward: functions.JudgeReward, examples: list[dict], captions
   """b-CapScore of given captions (one per example, any model's): the means evaluate() reports,
   and one row per caption. A component the judge could not score (NaN) is left out of its
   mean and counted in `unscored`."""
-  rows, values, flags = [], {c: [] for c in COMPONENTS}, []
+  rows, values, flags = [], {c: [] for c in COMPONENTS}, {f: [] for f in FLAGS}
   for start in range(0, len(captions), 64):  # the judge's batches
     part = slice(start, start + 64)
     rewards = _judged(reward, examples[part], captions[part])
@@ -171,17 +181,17 @@ def score_captions(reward: functions.JudgeReward, examples: list[dict], captions
         row[c] = None if math.isnan(value) else value
         if row[c] is not None:
           values[c].append(value)
-      flag = _degenerate(rewards.judgements[i])
-      if not math.isnan(flag):
-        row["degenerate"] = bool(flag)
-        flags.append(flag)
+      for name, flag in zip(FLAGS, _flags(rewards.judgements[i])):
+        if not math.isnan(flag):
+          row[name] = bool(flag)
+          flags[name].append(flag)
       rows.append(row)
   means = {c: float(np.mean(v)) if v else float("nan") for c, v in values.items()}
   summary: dict[str, Any] = {
       **means, "b_capscore": float(functions.b_capscore(*(np.array([means[c]]) for c in (
           "precision", "recall", "linguistic")))[0]),
       "scored": len(rows), "unscored": {c: len(rows) - len(v) for c, v in values.items()},
-      "degenerate": float(np.mean(flags)) if flags else None}
+      **{f: float(np.mean(v)) if v else None for f, v in flags.items()}}
   return summary, rows
 
 
@@ -206,8 +216,9 @@ def table(before: dict[str, float], after: dict[str, float]) -> str:
   """The before/after table, as printed at the end of a run."""
   rows = [("precision", 3), ("recall", 3), ("linguistic", 3), ("b_capscore", 1),
           ("length_ratio", 2), ("words", 1)]
-  if not math.isnan(before.get("degenerate", math.nan)):
-    rows.append(("degenerate", 2))  # share of captions repeating or contradicting themselves
+  # Shares of captions repeating or contradicting themselves, with commentary, repeating.
+  rows += [(flag, 2) for flag in FLAGS if not math.isnan(before.get(flag, math.nan))
+           and flag in after]
   lines = [f"{'':14s}{'SFT':>10s}{'after RL':>10s}{'change':>10s}"]
   for name, digits in rows:
     lines.append(f"{name:14s}{before[name]:10.{digits}f}{after[name]:10.{digits}f}"
