@@ -142,6 +142,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.rewards.length_unit = "words"  # the length ratio's unit: words | tokens
   # A batch's rewards are due this long after it is submitted; late ones are NaN ("timeout").
   c.rewards.deadline_s = 600.0
+  # judge = capworld: whether precision counts commentary (meta spans: nothing in the image
+  # to point at) as failed assertions, as the paper's pointability does. False is the
+  # "precision without pointability" ablation (experiments/rewards.py); clarity still counts.
+  c.rewards.capworld = ml_collections.ConfigDict()
+  c.rewards.capworld.pointability = True
   # judge = openai: any OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, an API).
   c.rewards.openai = ml_collections.ConfigDict()
   c.rewards.openai.base_url = ""        # e.g. http://judge-host:8000

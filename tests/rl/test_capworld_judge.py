@@ -362,6 +362,16 @@ def test_meta_commentary_alone_is_unpointable_and_unclear():
   assert j.linguistic == 0.0  # commentary alone reads as no caption at all
 
 
+def test_without_pointability_commentary_costs_clarity_but_not_precision():
+  padded = REFERENCE + " The composition feels balanced and calm."
+  with_it = _judge(padded, SCENE, [REFERENCE])
+  (without,) = CapWorldJudge(pointability=False).judge([_sample(padded, SCENE, [REFERENCE])])
+  assert with_it.precision == pytest.approx(10 / 11) and without.precision == 1.0
+  assert without.details["non_pointable"] == 1 and without.details["failed"] == []
+  assert without.linguistic == with_it.linguistic < 1.0  # clarity still charges it
+  assert without.recall == with_it.recall == 1.0
+
+
 def test_one_true_and_one_false_claim_is_half_precise():
   j = _judge("There are two objects. The background is white.", SCENE, [REFERENCE])
   assert j.precision == 0.5
@@ -472,3 +482,12 @@ def test_unscorable_samples_are_nan_with_a_cause_and_the_rest_is_scored():
 def test_scene_graph_as_a_dict_is_accepted():
   sample = Sample("d/0", REFERENCE, (REFERENCE,), fields={"scene_graph": scene_to_json(SCENE)})
   assert JUDGE.judge([sample])[0].precision == 1.0
+
+
+def test_the_pointability_switch_is_read_from_the_config(tmp_path):
+  from balcap import configs  # pylint: disable=import-outside-toplevel
+  from balcap.rl.rewards import factory  # pylint: disable=import-outside-toplevel
+  config = configs.base_config()
+  assert factory.judge_from_config(config, str(tmp_path)).pointability is True
+  config.rewards.capworld.pointability = False
+  assert factory.judge_from_config(config, str(tmp_path)).pointability is False

@@ -9,7 +9,9 @@ relation, count, background) is one assertion, and so is every `Span` it could n
 claims: one assertion per span, where a span is a run of unreadable words not interrupted by
 a claim (the parser's own unit). A "meta" span (commentary, mood, style) is non-pointable; a
 "negated" span (CapWorld states no negative facts) and an "unparsed" span are unverifiable.
-Claims are all pointable (each names something visible). A claim made again (the same fact
+Claims are all pointable (each names something visible). `CapWorldJudge(pointability=False)`
+(`config.rewards.capworld.pointability`, an ablation) stops counting meta spans: precision
+then ignores commentary, which only clarity still charges. A claim made again (the same fact
 about the same grounded objects, in other words or in a repeated sentence) is one assertion:
 saying a true thing twice adds no information, so it must not add precision either. Spans are
 never merged (a repeated aside is still an aside). So
@@ -518,8 +520,12 @@ class CapWorldJudge:
   """
   name = "capworld"
 
+  def __init__(self, pointability: bool = True):
+    # False: meta spans are no assertions (precision without pointability, an ablation).
+    self.pointability = pointability
+
   def __repr__(self) -> str:
-    return "CapWorldJudge()"
+    return f"CapWorldJudge(pointability={self.pointability})"
 
   def judge(self, samples: Sequence[Sample]) -> list[Judgement]:
     examples: dict[tuple, _Example | str] = {}  # (scene graph, references) -> it, or an error
@@ -573,7 +579,8 @@ class CapWorldJudge:
       counts = by_kind.setdefault(key[0], [0, 0])
       counts[0] += 1
       counts[1] += int(ok)
-    num_assertions = len(distinct) + len(parsed.spans)
+    spans = [s for s in parsed.spans if self.pointability or s.kind != "meta"]
+    num_assertions = len(distinct) + len(spans)
     judgement.precision = sum(distinct.values()) / num_assertions if num_assertions else 0.0
 
     covered = example.units & _coverable([f for f, ok in zip(grounded, verified) if ok])
@@ -592,7 +599,7 @@ class CapWorldJudge:
     judgement.linguistic = (scores["fluency"] * scores["clarity"] * scores["coherence"]) ** (1 / 3)
 
     failed = [_describe(c, reading) for c, ok in zip(claims, verified) if not ok]
-    failed += [f'{s.kind} "{s.text}"' for s in parsed.spans]
+    failed += [f'{s.kind} "{s.text}"' for s in spans]
     missed = sorted(example.units - covered, key=_fact_order)
     judgement.details = {
         "assertions": num_assertions,

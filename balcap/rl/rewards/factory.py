@@ -16,7 +16,7 @@ def judge_from_config(config, workdir: str, *, mesh=None) -> Judge:
   if rewards.judge == "capworld":
     # pylint: disable-next=import-outside-toplevel
     from balcap.rl.rewards.capworld_judge import CapWorldJudge
-    return CapWorldJudge()
+    return CapWorldJudge(pointability=rewards.capworld.pointability)
   if rewards.judge == "openai":
     # pylint: disable-next=import-outside-toplevel
     from balcap.rl.rewards.llm_judge import OpenAIChatJudge
