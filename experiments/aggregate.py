@@ -132,18 +132,19 @@ def summary(experiment, runs: dict[str, dict[int, dict]], seeds) -> str:
                "the shared SFT runs are not counted here. Values are mean ± sd over seeds "
                "of the after-RL test split.")
   lines += ["", "| arm | flags | seeds | " + " | ".join(h for _, h, _ in COLUMNS)
-            + " | b-CapScore 95% interval | SFT b-CapScore |",
-            "|---|---|---|" + "---|" * (len(COLUMNS) + 2)]
+            + " | b-CapScore 95% interval | SFT b-CapScore | SFT length ratio |",
+            "|---|---|---|" + "---|" * (len(COLUMNS) + 3)]
   for arm in experiment.arms:
     done = runs.get(arm.name, {})
     cells = [_cell([r["after"][m] for r in done.values() if m in r["after"]], d)
              for m, _, d in COLUMNS]
     mean, _, half = interval([r["after"]["b_capscore"] for r in done.values()])
     ci = "–" if math.isnan(half) else f"[{mean - half:.1f}, {mean + half:.1f}]"
-    sft = _cell([r["before"]["b_capscore"] for r in done.values()], 1)
-    flags = " ".join(f"`{f}`" for f in arm.flags) or "(default)"
+    sft = [_cell([r["before"][m] for r in done.values() if m in r["before"]], d)
+           for m, d in (("b_capscore", 1), ("length_ratio", 2))]
+    flags = " ".join(f"`{f}`" for f in arm.sft_flags + arm.flags) or "(default)"
     lines.append(f"| {arm.title} | {flags} | {len(done)} | " + " | ".join(cells)
-                 + f" | {ci} | {sft} |")
+                 + f" | {ci} | {' | '.join(sft)} |")
   if experiment.claims:
     lines += ["", "## Claims", ""]
   for claim in experiment.claims:

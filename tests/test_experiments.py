@@ -128,3 +128,30 @@ def test_a_bad_experiment_names_its_problem():
   with pytest.raises(ValueError, match="is not a --config"):
     spec.Experiment(name="x", description="", base="configs/tiny.py",
                     arms=(spec.Arm("a", ("rl.num_steps=3",)),))
+
+
+def _with_flags(config, flags):
+  """The config `--config.<path>=<value>` flags give (values typed like the field's, as
+  ml_collections' flag parser types them)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  from ml_collections.config_flags import config_path  # pylint: disable=import-outside-toplevel
+  for flag in flags:
+    path, _, raw = flag[len("--config."):].partition("=")
+    current = config_path.get_value(path, config)
+    value = raw if isinstance(current, str) else ast.literal_eval(raw)
+    config_path.set_value(path, config, value)
+  return config
+
+
+@pytest.mark.parametrize("name", ["advantage", "length", "rewards"])
+def test_every_arm_of_the_shipped_ablations_is_a_valid_config(name):
+  from balcap import configs  # pylint: disable=import-outside-toplevel
+  from balcap.rl import advantages  # pylint: disable=import-outside-toplevel
+  from testlib import load_config_file  # pylint: disable=import-outside-toplevel
+  experiment = spec.load(os.path.join(REPO, "experiments", f"{name}.py"))
+  assert len(experiment.seeds) >= 3 and experiment.claims
+  for arm in experiment.arms:
+    config = _with_flags(load_config_file("tiny"),
+                         experiment.flags + arm.sft_flags + arm.flags)
+    configs.validate(config, num_devices=1, process_count=1)
+    advantages.from_config(config.advantage)  # raises on an inconsistent arm
