@@ -44,6 +44,8 @@ def test_every_program_compiles_and_is_reported(tmp_path):
   assert result["sampler_roofline_seconds"] > 0
   for row in ("sample_decode_step", "update", "sft", "mem GiB", "roofline", "memory only"):
     assert row in done.stdout
+  # An H100 simulated on CPU devices: its bytes are XLA:CPU's, and the report says so.
+  assert result["note"] == report.SIMULATED_NOTE and "note: compiled by XLA:CPU" in done.stdout
 
 
 def test_a_program_that_does_not_fit_exits_nonzero_naming_it(tmp_path):
