@@ -144,9 +144,11 @@ def main(argv=None) -> int:
   parser.add_argument("flags", nargs="*", help="config flags for every run, after --")
   args = parser.parse_args(argv)
   experiment = spec.load(args.experiment)
-  layout = Layout(experiment, args.workdir or os.path.join(REPO, "experiments", "runs"),
-                  tuple(args.flags))
-  results = args.results or os.path.join(REPO, "experiments", "results", experiment.name)
+  # Absolute: the runs start in the repository, the runner's own files are written from here.
+  layout = Layout(experiment, os.path.abspath(args.workdir or os.path.join(
+      REPO, "experiments", "runs")), tuple(args.flags))
+  results = os.path.abspath(
+      args.results or os.path.join(REPO, "experiments", "results", experiment.name))
   seeds = tuple(args.seeds or experiment.seeds)
   failed: list[str] = []
   if not args.aggregate_only:
