@@ -4,16 +4,12 @@ std, and GDPO without the batch normalisation. The paper: vanilla GRPO instead o
 loses much (3B: DCScore 38.0 against 50.8)."""
 
 from experiments import common
-from experiments.spec import Arm, Claim, Experiment
+from experiments.spec import Arm, Claim
 
-EXPERIMENT = Experiment(
+EXPERIMENT = common.ablation(
     name="advantage",
     description=__doc__,
-    base=common.BASE,
-    flags=common.FLAGS,
-    seeds=common.SEEDS,
-    arms=(common.DEFAULT,
-          Arm("grpo", ("--config.advantage.estimator=grpo",), label="GRPO"),
+    arms=(Arm("grpo", ("--config.advantage.estimator=grpo",), label="GRPO"),
           Arm("grpo_no_std", ("--config.advantage.estimator=grpo_no_std",),
               label="GRPO without std"),
           Arm("gdpo", ("--config.advantage.estimator=gdpo",),

@@ -48,11 +48,12 @@ def _finite(value: Any) -> bool:
 def collect(layout, seeds) -> dict[str, dict[int, dict]]:
   """arm -> seed -> {"before", "after", "seconds", "curves"} of the finished runs of a
   `run.Layout`."""
+  from experiments.run import is_done  # pylint: disable=import-outside-toplevel
   out: dict[str, dict[int, dict]] = {}
   for arm in layout.experiment.arms:
     for seed in seeds:
       folder = layout.arm(arm, seed)
-      if not os.path.exists(os.path.join(folder, "done.json")):
+      if not is_done(folder):
         continue
       with open(os.path.join(folder, "run", "eval.json"), encoding="utf-8") as f:
         evaluation = json.load(f)

@@ -8,16 +8,12 @@ The penalty's lambda is 1: c-GDPO normalises each reward within its group, so an
 lambda gives the same advantages."""
 
 from experiments import common
-from experiments.spec import Arm, Claim, Experiment
+from experiments.spec import Arm, Claim
 
-EXPERIMENT = Experiment(
+EXPERIMENT = common.ablation(
     name="length",
     description=__doc__,
-    base=common.BASE,
-    flags=common.FLAGS,
-    seeds=common.SEEDS,
-    arms=(common.DEFAULT,
-          Arm("linear", ("--config.advantage.length_mask=False",
+    arms=(Arm("linear", ("--config.advantage.length_mask=False",
                          "--config.advantage.linear_length_penalty=1.0"),
               label="linear penalty"),
           Arm("no_length", ("--config.advantage.length_mask=False",),

@@ -7,18 +7,14 @@ when recall >= 0.5), which needs both; leaving out the linguistic reward drops t
 mask, which gates that reward."""
 
 from experiments import common
-from experiments.spec import Arm, Claim, Experiment
+from experiments.spec import Arm, Claim
 
 _NO_CONDITION = ("--config.advantage.conditioned=", "--config.advantage.condition_on=")
 
-EXPERIMENT = Experiment(
+EXPERIMENT = common.ablation(
     name="rewards",
     description=__doc__,
-    base=common.BASE,
-    flags=common.FLAGS,
-    seeds=common.SEEDS,
-    arms=(common.DEFAULT,
-          Arm("no_precision", ("--config.advantage.components=('recall','linguistic')",
+    arms=(Arm("no_precision", ("--config.advantage.components=('recall','linguistic')",
                                "--config.advantage.weights=(1.0,1.0)", *_NO_CONDITION),
               label="no precision"),
           Arm("no_recall", ("--config.advantage.components=('precision','linguistic')",
