@@ -462,6 +462,18 @@ def test_unnamed_shape_and_negation():
   assert j.details["fluency"] == 1.0
 
 
+def test_hedging_a_shape_beats_guessing_it_wrong_and_loses_to_naming_it_right():
+  # What the SFT captions' hedge (flaws.HEDGE_PROBABILITY) offers RL: "a red shape" is a true
+  # claim, so precision beats a wrong guess; it covers no shape unit, so recall does not.
+  said = "Two shapes rest on a cream background. A large red {} sits in the top left corner."
+  right, hedged, wrong = (_judge(said.format(noun), SCENE, [REFERENCE])
+                          for noun in ("circle", "shape", "star"))
+  assert right.precision == hedged.precision == 1.0 and wrong.precision == pytest.approx(5 / 6)
+  assert right.recall == pytest.approx(6 / 10)
+  assert hedged.recall == wrong.recall == pytest.approx(5 / 10)
+  assert right.linguistic == hedged.linguistic == wrong.linguistic == 1.0
+
+
 def test_unscorable_samples_are_nan_with_a_cause_and_the_rest_is_scored():
   good = _sample(REFERENCE, SCENE, [REFERENCE], "g/0")
   samples = [Sample("none/0", REFERENCE, (REFERENCE,)),

@@ -43,9 +43,10 @@ class CapWorld(tfds.core.GeneratorBasedBuilder):
   """Procedural images of simple objects with scene graphs, references and flawed captions."""
 
   name = "capworld"
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "Captions no longer depend on PYTHONHASHSEED (some changed)."}
+                   "1.1.0": "Captions no longer depend on PYTHONHASHSEED (some changed).",
+                   "1.2.0": "SFT captions: 30% name no shape (a hedge, flaws.HEDGE_PROBABILITY)."}
   # Keeps TFDS from looking for a default config or a checksums file of a download.
   BUILDER_CONFIGS = [capworld_config(CapWorldSpec(), num_train=20_000, num_validation=500,
                                      num_test=500)]

@@ -19,7 +19,7 @@ from balcap.data.capworld.parse import parse_caption, split_sentences
 from balcap.data.capworld.plan import (ObjectView, Step, choose_stated, identifying_extras,
                                        plan_reference, scene_view, true_relations)
 from balcap.data.capworld.world import (COLOURS, CONVERSE_RELATION, SHAPES, Scene,
-                                        scene_facts)
+                                        fact_holds, scene_facts)
 
 FLAW_TYPES = ("missed_object", "wrong_color", "wrong_shape", "wrong_count", "wrong_relation",
               "meta_commentary", "repetition", "too_short", "too_long")
@@ -32,6 +32,12 @@ TOO_SHORT_RATIO, TOO_LONG_RATIO = 0.5, 2.0
 _NOT_WITH_TOO_SHORT = ("too_long", "repetition", "meta_commentary", "wrong_relation",
                        "wrong_count")
 NUM_FLAWS_PROBABILITIES = (0.45, 0.35, 0.2)  # of 1, 2, 3 injected flaws
+# Share of SFT captions that name no shape ("a red shape", "the blue object"): a weak
+# captioner's hedge, not a flaw (nothing false is said). It puts "say less, but say it true"
+# in the SFT policy's distribution, where RL can find it: a small policy that cannot tell
+# shapes apart earns more precision hedging than guessing (the judge counts "a shape" as a
+# verified claim, and it covers no shape in recall).
+HEDGE_PROBABILITY = 0.3
 
 META_SENTENCES = (
     "The image shows a simple arrangement of geometric shapes.",
@@ -59,7 +65,7 @@ def detect_flaws(caption: Caption, scene: Scene, reference_words: int) -> tuple[
   """Every flaw of FLAW_TYPES the caption has, from its claims, grounding and text."""
   true = set(scene_facts(scene))
   found = {FALSE_CLAIM_FLAWS[f.kind] for f in caption.facts
-           if f not in true and f.kind in FALSE_CLAIM_FLAWS}
+           if f.kind in FALSE_CLAIM_FLAWS and not fact_holds(f, true)}
   if set(range(len(scene.objects))) - set(caption.grounding):
     found.add("missed_object")
   if any(span.kind == "meta" for span in parse_caption(caption.text).spans):
@@ -109,6 +115,18 @@ def _misdescribe(view: list[ObjectView], rng: np.random.Generator, field: str,
         continue
       view[obj] = trial[obj]
       return
+
+
+def _hedged(view: list[ObjectView]) -> list[ObjectView]:
+  """`view` with no shape named, if every object can still be told apart without one
+  (by colour, size, region or label); else `view` unchanged."""
+  hedged = [dataclasses.replace(v, shape=None) for v in view]
+  try:
+    for i in range(len(hedged)):
+      identifying_extras(hedged, i)
+  except ValueError:
+    return view
+  return hedged
 
 
 def _wrong_count_step(scene: Scene, rng: np.random.Generator, steps: list[Step]) -> None:
@@ -211,6 +229,8 @@ def write_sft_caption(scene: Scene, rng: np.random.Generator,
       include.remove(droppable[int(rng.integers(len(droppable)))])
     else:
       flaws.remove("missed_object")
+  if "wrong_shape" not in flaws and rng.random() < HEDGE_PROBABILITY:
+    view = _hedged(view)
   misdescribed = [int(include[rng.integers(len(include))])]
   if "wrong_color" in flaws:
     _misdescribe(view, rng, "colour", misdescribed)

@@ -101,7 +101,9 @@ class Realiser:
     """[size] colour shape [label] [region], without a determiner."""
     v = self.view[obj]
     words = [self.pick(lx.SIZE_WORDS[v.size])] if "size" in parts else []
-    words += [self.pick(lx.COLOUR_WORDS[v.colour]), self.pick(lx.SHAPE_NOUNS[v.shape])]
+    # No shape: the writer does not commit to one ("a red shape", `ObjectView`).
+    noun = lx.TOTAL_NOUNS_SINGULAR if v.shape is None else lx.SHAPE_NOUNS[v.shape]
+    words += [self.pick(lx.COLOUR_WORDS[v.colour]), self.pick(noun)]
     text = " ".join(words)
     if "label" in parts:
       text += " " + self._label(v.label)

@@ -21,8 +21,9 @@ SECONDARY = ("size", "label", "region")  # descriptors a caption may leave out
 
 @dataclasses.dataclass(frozen=True)
 class ObjectView:
-  """One object as a caption presents it (a flawed caption may present it wrongly)."""
-  shape: str
+  """One object as a caption presents it (a flawed caption may present it wrongly, or
+  hedge: shape None names no shape, "a red shape", which is true of any object)."""
+  shape: str | None
   colour: str
   size: str
   region: str

@@ -136,6 +136,17 @@ def relation_fact(subject: int, relation: str, other: int) -> Fact:
   return Fact("relation", other, CONVERSE_RELATION[relation], subject)
 
 
+def fact_holds(fact: Fact, facts: frozenset[Fact] | set[Fact]) -> bool:
+  """Whether a claim grounded to scene objects is true, `facts` being `scene_facts(scene)`.
+  "A shape" of no named kind (object fact, value None) holds for whatever object it is
+  grounded to; a relation with an ungrounded end never holds."""
+  if fact.kind == "object" and fact.value is None:
+    return fact.subject is not None
+  if fact.kind == "relation" and (fact.subject is None or fact.other is None):
+    return False
+  return fact in facts
+
+
 def region_of(cx: float, cy: float, width: int, height: int) -> str:
   """The region (third of the canvas in each axis) holding the point (cx, cy)."""
   column = min(int(3 * cx / width), 2)

@@ -100,7 +100,8 @@ from typing import Any, Callable, Mapping, Sequence
 from balcap.data.capworld import lexicon
 from balcap.data.capworld.claims import Discourse
 from balcap.data.capworld.parse import ParsedCaption, parse_sentence, split_sentences
-from balcap.data.capworld.world import Fact, Scene, scene_facts, scene_from_json
+from balcap.data.capworld.world import (Fact, Scene, fact_holds, scene_facts,
+                                        scene_from_json)
 from balcap.rl.rewards.types import Judgement, Sample
 
 # Run-on limits per sentence, each above anything `write_reference` writes (2 clauses: a
@@ -192,15 +193,6 @@ def _grounded(claim: Fact, grounding: Sequence[int | None]) -> Fact:
   other = None if claim.other is None else grounding[claim.other]
   return Fact(claim.kind, grounding[claim.subject], claim.value, other, claim.shape,
               claim.colour)
-
-
-def _holds(fact: Fact, facts: frozenset[Fact]) -> bool:
-  """Whether a grounded claim is true of the scene."""
-  if fact.kind == "object" and fact.value is None:
-    return fact.subject is not None  # "a shape": true of whatever it is grounded to
-  if fact.kind == "relation" and (fact.subject is None or fact.other is None):
-    return False
-  return fact in facts
 
 
 def ground_entities(claims: Sequence[Fact], num_entities: int, facts: frozenset[Fact],
@@ -335,7 +327,7 @@ def reference_units(scene: Scene, references: Sequence[str],
     claims = reading.parsed.claims
     grounding = ground_entities(claims, len(reading.parsed.entities), facts,
                                 len(scene.objects), reading.introduced_in)
-    units |= {f for f in (_grounded(c, grounding) for c in claims) if _holds(f, facts)}
+    units |= {f for f in (_grounded(c, grounding) for c in claims) if fact_holds(f, facts)}
   return frozenset(units)
 
 
@@ -569,7 +561,7 @@ class CapWorldJudge:
     grounding = ground_entities(claims, len(parsed.entities), facts, len(scene.objects),
                                 reading.introduced_in)
     grounded = [_grounded(c, grounding) for c in claims]
-    verified = [_holds(f, facts) for f in grounded]
+    verified = [fact_holds(f, facts) for f in grounded]
     distinct: dict[tuple, bool] = {}  # a claim said again is one assertion
     for claim, ok in zip(claims, verified):
       key = _said_as(claim, grounding)

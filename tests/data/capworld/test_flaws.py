@@ -7,7 +7,8 @@ import numpy as np
 
 from balcap.data.capworld import (FLAW_TYPES, parse_caption, sample_scene, scene_facts,
                                   write_reference, write_sft_caption)
-from balcap.data.capworld.flaws import META_SENTENCES
+from balcap.data.capworld.flaws import HEDGE_PROBABILITY, META_SENTENCES
+from balcap.data.capworld.world import fact_holds
 
 NUM_EXAMPLES = 250
 
@@ -39,7 +40,7 @@ def test_every_flaw_type_occurs_and_the_mixture_varies():
 def test_wrong_claims_are_false_and_false_claims_are_labelled():
   for scene, _, caption in EXAMPLES:
     true = set(scene_facts(scene))
-    false_kinds = {f.kind for f in caption.facts if f not in true}
+    false_kinds = {f.kind for f in caption.facts if not fact_holds(f, true)}
     for flaw, kind in FALSE_KIND.items():
       assert (flaw in caption.flaws) == (kind in false_kinds), (caption.text, caption.flaws)
     # Nothing else is ever false: sizes, regions, labels, background stay true.
@@ -76,3 +77,23 @@ def test_length_flaws_are_measured_against_the_first_reference():
   too_long = [len(c.text.split()) / len(r.text.split()) for _, r, c in EXAMPLES
               if "too_long" in c.flaws]
   assert np.median(too_long) < 3.0 and max(too_long) < 8.0, sorted(too_long)
+
+
+def test_some_captions_hedge_every_shape_and_say_nothing_false_by_it():
+  hedged = [(scene, caption) for scene, _, caption in EXAMPLES
+            if any(c.kind == "object" and c.value is None for c in caption.claims)]
+  eligible = sum("wrong_shape" not in caption.flaws for _, _, caption in EXAMPLES)
+  # HEDGE_PROBABILITY of the captions that may hedge, less the scenes that need shapes to
+  # tell two objects apart.
+  assert 0.5 * HEDGE_PROBABILITY < len(hedged) / eligible < 1.5 * HEDGE_PROBABILITY
+  for scene, caption in hedged:
+    assert "wrong_shape" not in caption.flaws, caption.text
+    # All or nothing: a caption that names one shape and hedges another could not tell a
+    # reader which of two same-coloured objects "the red shape" is.
+    assert all(c.value is None for c in caption.claims if c.kind == "object"), caption.text
+    true = set(scene_facts(scene))
+    assert all(fact_holds(f, true) for f in caption.facts if f.kind == "object")
+    words = set(re.findall(r"[a-z]+", caption.text.lower()))
+    assert not words & {"circle", "square", "triangle", "star", "hexagon", "heart", "cross",
+                        "diamond", "disc", "rhombus"} or any(
+                            c.kind == "count" and c.shape for c in caption.claims), caption.text
