@@ -11,7 +11,9 @@ images (`BOOTSTRAP_RESAMPLES`, fixed seed); the before/after change's is a paire
 an image hard before RL is hard after it too (the demo's SFT policy: about 1.1 points over
 100 test images, so the demo uses 500). Where the judge counts its claims by kind
 (CapWorldJudge's `by_kind`), `right/<kind>` is the share of each kind that is true: which
-attributes (colours, shapes, regions, ...) the captioner reads; where its details flag
+attributes (colours, shapes, regions, ...) the captioner reads, and `covered/<kind>` the share
+of each kind of recall unit (the references' facts) covered: what it leaves out (recall by
+kind; CapWorldJudge's `units_by_kind`); where its details flag
 captions, `degenerate`, `meta` and `repetitive` are the shares flagged (`FLAGS`).
 """
 
@@ -53,6 +55,7 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
   per_image: list[np.ndarray] = []  # [batch, 3] P, R, L per row (NaN where unscored)
   real_rows: list[np.ndarray] = []  # [batch] False for the padding rows
   by_kind: dict[str, np.ndarray] = {}  # claim kind -> [distinct claims, verified], if judged
+  units: dict[str, np.ndarray] = {}  # recall unit kind -> [units, covered], if judged
   spec = None
   for batch in pipeline.eval_batches(source, batch_size=batch_size):
     real = np.asarray(batch["mask"])
@@ -74,8 +77,10 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
     for i, caption in enumerate(captions):
       if not real[i]:
         continue
-      for kind, said in ((rewards.judgements[i].details or {}).get("by_kind") or {}).items():
-        by_kind[kind] = by_kind.get(kind, np.zeros(2)) + np.asarray(said, np.float64)
+      details = rewards.judgements[i].details or {}
+      for totals, key in ((by_kind, "by_kind"), (units, "units_by_kind")):
+        for kind, pair in (details.get(key) or {}).items():
+          totals[kind] = totals.get(kind, np.zeros(2)) + np.asarray(pair, np.float64)
       values = [rewards.components[c][i] for c in COMPONENTS] + [
           len(caption.split()), *_flags(rewards.judgements[i])]
       for k, value in enumerate(values):
@@ -95,9 +100,7 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
     scores = np.asarray(multihost_utils.process_allgather(scores)).reshape(-1, 3)
     kept = np.asarray(multihost_utils.process_allgather(kept)).reshape(-1)
     # A fixed list of kinds, so every host gathers the same shape.
-    totals = multihost_utils.process_allgather(
-        np.stack([by_kind.get(k, np.zeros(2)) for k in FACT_KINDS]))
-    by_kind = {k: t for k, t in zip(FACT_KINDS, np.asarray(totals).sum(axis=0)) if t[0] > 0}
+    by_kind, units = (_gathered_by_kind(totals) for totals in (by_kind, units))
   means = sums / np.maximum(counts, 1)
   metrics = {name: float(means[k]) for k, name in enumerate(COMPONENTS)}
   metrics["words"] = float(means[len(COMPONENTS)])
@@ -114,11 +117,22 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
   # The share of each kind of claim that is true (judges that say): what the captioner reads.
   for kind in sorted(by_kind):
     metrics[f"right/{kind}"] = float(by_kind[kind][1] / max(by_kind[kind][0], 1))
+  # The share of each kind of recall unit covered: what the captioner leaves out.
+  for kind in sorted(units):
+    metrics[f"covered/{kind}"] = float(units[kind][1] / max(units[kind][0], 1))
   metrics["b_capscore_se"] = bootstrap_se(scores)
   # Per image, in the source's order: what the paired standard error of a change needs.
   metrics["per_image"] = {c: [None if math.isnan(v) else float(v) for v in scores[:, k]]
                           for k, c in enumerate(JUDGED)}
   return metrics, shown
+
+
+def _gathered_by_kind(totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{kind: [count, hits]} summed over hosts; a fixed list of kinds, so every host gathers
+  the same shape."""
+  gathered = multihost_utils.process_allgather(
+      np.stack([totals.get(k, np.zeros(2)) for k in FACT_KINDS]))
+  return {k: t for k, t in zip(FACT_KINDS, np.asarray(gathered).sum(axis=0)) if t[0] > 0}
 
 
 def _resampled_capscores(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -228,9 +242,11 @@ def table(before: dict[str, float], after: dict[str, float]) -> str:
         math.nan)
     lines.append(f"{'b_capscore se':14s}{before['b_capscore_se']:10.1f}"
                  f"{after['b_capscore_se']:10.1f}{change:10.1f}")
-  kinds = sorted(k for k in before if k.startswith("right/") and k in after)
-  if kinds:
-    lines.append("claims right, by kind:")
-    lines += [f"  {k[6:]:12s}{before[k]:10.2f}{after[k]:10.2f}{after[k] - before[k]:+10.2f}"
-              for k in kinds]
+  for prefix, title in (("right/", "claims right, by kind:"),
+                        ("covered/", "reference facts covered, by kind:")):
+    kinds = sorted(k for k in before if k.startswith(prefix) and k in after)
+    if kinds:
+      lines.append(title)
+      lines += [f"  {k[len(prefix):]:12s}{before[k]:10.2f}{after[k]:10.2f}"
+                f"{after[k] - before[k]:+10.2f}" for k in kinds]
   return "\n".join(lines)

@@ -387,6 +387,11 @@ def test_claims_are_counted_by_kind_once_each():
   assert j.details["by_kind"] == {"count": [1, 1], "background": [1, 1], "object": [2, 2],
                                   "size": [2, 2], "colour": [2, 1], "region": [2, 1]}
   assert j.details["restated"] == 4
+  # The reference's 10 facts: the square's colour and region are the two not covered.
+  assert j.details["units_by_kind"] == {"count": [1, 1], "background": [1, 1],
+                                        "object": [2, 2], "size": [2, 2], "colour": [2, 1],
+                                        "region": [2, 1]}
+  assert j.recall == pytest.approx(8 / 10)
 
 
 def test_contradictory_colours_are_false_and_incoherent():

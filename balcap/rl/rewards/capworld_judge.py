@@ -60,7 +60,8 @@ caption untrustworthy). A caption with no sentence scores 0. The problems:
                for one object, a second number for one count, a second background, a relation
                and its reverse); a new entity that grounds to no object.
 `details` also counts the claims restated, the distinct claims and verified ones of each kind
-(`by_kind`: which attributes a captioner reads right, e.g. colours but not regions), and flags
+(`by_kind`: which attributes a captioner reads right, e.g. colours but not regions), the
+recall units and covered ones of each kind (`units_by_kind`: what it leaves out), and flags
 a "degenerate" caption (a repeated sentence, a restated claim or a contradiction), whose share
 the demo reports. The hack battery (tests/rl/test_capworld_hacks.py) attacks these rules
 with repeats to length, commentary padding, self-contradiction, bare attribute lists, one
@@ -593,11 +594,17 @@ class CapWorldJudge:
     failed = [_describe(c, reading) for c, ok in zip(claims, verified) if not ok]
     failed += [f'{s.kind} "{s.text}"' for s in spans]
     missed = sorted(example.units - covered, key=_fact_order)
+    units_by_kind: dict[str, list[int]] = {}  # kind -> [units, covered]: what it leaves out
+    for unit in example.units:
+      counts = units_by_kind.setdefault(unit.kind, [0, 0])
+      counts[0] += 1
+      counts[1] += int(unit in covered)
     judgement.details = {
         "assertions": num_assertions,
         "verified": sum(distinct.values()),
         "restated": len(claims) - len(distinct),
         "by_kind": by_kind,
+        "units_by_kind": units_by_kind,
         "degenerate": degenerate(incoherent),
         "non_pointable": sum(s.kind == "meta" for s in parsed.spans),
         "unverifiable": sum(s.kind != "meta" for s in parsed.spans),
