@@ -21,8 +21,9 @@ policy with the trained tower. Checkpoints and metrics go to `<sft workdir>/visi
 interrupted run resumes here, and a finished stage is restored, not redone.
 
 On the demo config (400 steps of 16 images, seeds 0-2): the validation split's objects named
-right, colour 1.00, size 0.71-0.78, shape 0.16-0.20 (chance 0.125: shapes need far more steps,
-a standalone probe reached ~0.3 after 500); SFT then reads the image from step ~200 instead of
+right, colour 1.00, size 0.78-0.83, shape 0.16-0.25 (one object per image; 0.71-0.78 and
+0.16-0.20 with two; chance 0.125: shapes need far more steps, a standalone probe reached ~0.3
+after 500, a tower of width 128 0.23 after 400); SFT then reads the image from step ~200 instead of
 ~350 (`sft/image_gain`) and names colours right 75-87% of the time after 700 steps (20-42%
 without this stage). Regions it cannot teach: the tower has no absolute positions (its 2-D
 RoPE is relative); the language model must read them from M-RoPE.

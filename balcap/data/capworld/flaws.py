@@ -5,6 +5,9 @@ caption is written in a flat style with one to three injected flaws (`FLAW_TYPES
 object, a wrong colour/shape/count/relation, meta commentary, repetition, or a length far
 outside the reference's. The flaws a caption is labelled with are re-detected from its text
 and claims against the scene (`detect_flaws`), so a label is never wrong and never missing.
+Some captions (HEDGE_PROBABILITY) also hedge: they name no object's shape ("a red shape"),
+which is true but covers no shape in recall, the choice an honest captioner that cannot tell
+shapes apart would make.
 """
 
 from __future__ import annotations
