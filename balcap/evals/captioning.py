@@ -99,7 +99,6 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
     # Every host has the same number of (padded) batches, so the arrays stack.
     scores = np.asarray(multihost_utils.process_allgather(scores)).reshape(-1, 3)
     kept = np.asarray(multihost_utils.process_allgather(kept)).reshape(-1)
-    # A fixed list of kinds, so every host gathers the same shape.
     by_kind, units = (_gathered_by_kind(totals) for totals in (by_kind, units))
   means = sums / np.maximum(counts, 1)
   metrics = {name: float(means[k]) for k, name in enumerate(COMPONENTS)}
@@ -244,9 +243,13 @@ def table(before: dict[str, float], after: dict[str, float]) -> str:
                  f"{after['b_capscore_se']:10.1f}{change:10.1f}")
   for prefix, title in (("right/", "claims right, by kind:"),
                         ("covered/", "reference facts covered, by kind:")):
-    kinds = sorted(k for k in before if k.startswith(prefix) and k in after)
+    # A kind one side never claims (RL can learn to stop naming regions) shows as "-".
+    kinds = sorted(k for k in {*before, *after} if k.startswith(prefix))
     if kinds:
       lines.append(title)
-      lines += [f"  {k[len(prefix):]:12s}{before[k]:10.2f}{after[k]:10.2f}"
-                f"{after[k] - before[k]:+10.2f}" for k in kinds]
+      for k in kinds:
+        sides = [f"{side[k]:10.2f}" if k in side else f"{'-':>10s}" for side in (before, after)]
+        change = (f"{after[k] - before[k]:+10.2f}" if k in before and k in after
+                  else f"{'-':>10s}")
+        lines.append(f"  {k[len(prefix):]:12s}{sides[0]}{sides[1]}{change}")
   return "\n".join(lines)

@@ -54,12 +54,14 @@ def test_table_prints_standard_errors():
     sides.append({"precision": means[0], "recall": means[1], "linguistic": means[2],
                   "b_capscore": 50.0, "length_ratio": 1.0, "words": 20.0,
                   "b_capscore_se": captioning.bootstrap_se(scores), **_metrics(scores),
-                  "right/colour": 0.5 + shift, "covered/region": 0.25 + shift})
+                  "right/colour": 0.5 + shift, "covered/region": 0.25 + shift,
+                  **({"right/region": 0.1} if not shift else {})})
   lines = captioning.table(*sides).splitlines()
-  assert lines[-4:] == ["claims right, by kind:",
+  assert lines[-5:] == ["claims right, by kind:",
                         "  colour            0.50      0.70     +0.20",
+                        "  region            0.10         -         -",  # none said after
                         "reference facts covered, by kind:",
                         "  region            0.25      0.45     +0.20"]
-  line = lines[-5].split()
+  line = lines[-6].split()
   assert line[:2] == ["b_capscore", "se"]
   assert [float(x) for x in line[2:4]] == [round(s["b_capscore_se"], 1) for s in sides]
