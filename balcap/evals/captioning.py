@@ -113,12 +113,11 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
                                                         "linguistic")))[0])
   metrics["examples"] = float(counts[0])
   scores = scores[kept]
-  # The share of each kind of claim that is true (judges that say): what the captioner reads.
-  for kind in sorted(by_kind):
-    metrics[f"right/{kind}"] = float(by_kind[kind][1] / max(by_kind[kind][0], 1))
-  # The share of each kind of recall unit covered: what the captioner leaves out.
-  for kind in sorted(units):
-    metrics[f"covered/{kind}"] = float(units[kind][1] / max(units[kind][0], 1))
+  # Judges that say: the share of each kind of claim that is true (what the captioner reads)
+  # and of each kind of recall unit covered (what it leaves out).
+  for totals, prefix in ((by_kind, "right/"), (units, "covered/")):
+    for kind in sorted(totals):
+      metrics[prefix + kind] = float(totals[kind][1] / max(totals[kind][0], 1))
   metrics["b_capscore_se"] = bootstrap_se(scores)
   # Per image, in the source's order: what the paired standard error of a change needs.
   metrics["per_image"] = {c: [None if math.isnan(v) else float(v) for v in scores[:, k]]

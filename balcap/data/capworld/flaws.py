@@ -111,25 +111,26 @@ def _misdescribe(view: list[ObjectView], rng: np.random.Generator, field: str,
         continue
       trial = list(view)
       trial[obj] = dataclasses.replace(view[obj], **{field: value})
-      try:
-        for i in range(len(trial)):
-          identifying_extras(trial, i)
-      except ValueError:
-        continue
-      view[obj] = trial[obj]
-      return
+      if _describable(trial):
+        view[obj] = trial[obj]
+        return
+
+
+def _describable(view: list[ObjectView]) -> bool:
+  """Whether every object of `view` can be told apart from the others in words."""
+  try:
+    for i in range(len(view)):
+      identifying_extras(view, i)
+  except ValueError:
+    return False
+  return True
 
 
 def _hedged(view: list[ObjectView]) -> list[ObjectView]:
   """`view` with no shape named, if every object can still be told apart without one
   (by colour, size, region or label); else `view` unchanged."""
   hedged = [dataclasses.replace(v, shape=None) for v in view]
-  try:
-    for i in range(len(hedged)):
-      identifying_extras(hedged, i)
-  except ValueError:
-    return view
-  return hedged
+  return hedged if _describable(hedged) else view
 
 
 def _wrong_count_step(scene: Scene, rng: np.random.Generator, steps: list[Step]) -> None:

@@ -84,9 +84,10 @@ differ from a reference by that flaw alone (= unchanged, 1 when nothing else is 
 A hedged caption (`flaws.HEDGE_PROBABILITY`: "a red shape", no shape named) keeps precision
 and linguistic and loses the shape units of recall, as a wrong shape does, so a captioner
 that cannot tell shapes apart earns more by hedging than by guessing
-(tests/rl/test_capworld_judge.py). Recall under too_short stays 1 only if the reference said nothing but the shapes and colours
-listed; too_long says every detail but may miss a shape count or relation. A caption over
-twice a one-sentence reference can read well (linguistic 1): length masking handles it. The
+(tests/rl/test_capworld_judge.py). Recall under too_short stays 1 only if the reference said
+nothing but the shapes and colours listed; too_long says every detail but may miss a shape
+count or relation. A caption over twice a one-sentence reference can read well (linguistic
+1): length masking handles it. The
 SFT captions `flaws.write_sft_caption` ships (1-3 flaws) keep these directions, except that
 their length labels come from word counts alone (a plain caption can be "too_short") and a
 "wrong" description that happens to be true of an unmentioned object is verified: the judge
