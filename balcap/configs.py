@@ -262,6 +262,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.capworld.max_objects = 6
   c.data.capworld.num_references = 2  # reference captions per image (>= 2)
   c.data.capworld.seed = 0            # the world's own seed: changes every image
+  # Share of SFT captions written too short on purpose (a bare listing, "A red circle."):
+  # the habit of a captioner fine-tuned on short human captions (flaws.write_sft_caption).
+  c.data.capworld.terse_share = 0.0
 
   # Your own images: a JSONL manifest of {"id", "image", "reference"} rows
   # (balcap/data/caption_folder). Bad rows are skipped and reported, never fatal.
@@ -529,11 +532,9 @@ def _data_problems(data) -> list[str]:
     if world[split] < 0:
       problems.append(f"config.data.capworld.{split}={world[split]} must be >= 0")
   # The world's own parameters are checked where they are defined, by CapWorldSpec.
-  from balcap.data.capworld.generate import CapWorldSpec  # pylint: disable=import-outside-toplevel
+  from balcap.data.capworld.generate import spec_from_config  # pylint: disable=import-outside-toplevel
   try:
-    CapWorldSpec(image_sizes=tuple(tuple(s) for s in world.image_sizes),
-                 min_objects=world.min_objects, max_objects=world.max_objects,
-                 num_references=world.num_references, seed=world.seed)
+    spec_from_config(world)
   except (ValueError, TypeError) as e:
     problems.append(f"config.data.capworld: {e}")
   folder = data.caption_folder

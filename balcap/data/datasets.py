@@ -31,11 +31,9 @@ def make_builder(data_config) -> tfds.core.DatasetBuilder:
   # pylint: disable=import-outside-toplevel
   if data_config.name == "capworld":
     from balcap.data.capworld.builder import CapWorld, capworld_config
-    from balcap.data.capworld.generate import CapWorldSpec
+    from balcap.data.capworld.generate import spec_from_config
     world = data_config.capworld
-    spec = CapWorldSpec(image_sizes=tuple(tuple(s) for s in world.image_sizes),
-                        min_objects=world.min_objects, max_objects=world.max_objects,
-                        num_references=world.num_references, seed=world.seed)
+    spec = spec_from_config(world)
     config = capworld_config(spec, num_train=world.num_train,
                              num_validation=world.num_validation, num_test=world.num_test)
     # TFDS refuses a custom config named like one the class declares (the default sizes):

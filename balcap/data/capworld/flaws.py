@@ -7,7 +7,9 @@ outside the reference's. The flaws a caption is labelled with are re-detected fr
 and claims against the scene (`detect_flaws`), so a label is never wrong and never missing.
 Some captions (HEDGE_PROBABILITY) also hedge: they name no object's shape ("a red shape"),
 which is true but covers no shape in recall, the choice an honest captioner that cannot tell
-shapes apart would make.
+shapes apart would make. `terse_share` (CapWorldSpec.terse_share, default 0) makes that share
+of the captions too_short on purpose: the terse habit of a captioner fine-tuned on short human
+captions, which leaves out what it could see.
 """
 
 from __future__ import annotations
@@ -83,7 +85,10 @@ def detect_flaws(caption: Caption, scene: Scene, reference_words: int) -> tuple[
   return tuple(f for f in FLAW_TYPES if f in found)
 
 
-def _choose_flaws(scene: Scene, rng: np.random.Generator, reference_words: int) -> list[str]:
+def _choose_flaws(scene: Scene, rng: np.random.Generator, reference_words: int,
+                  terse: bool = False) -> list[str]:
+  """1-3 flaws drawn from those the scene allows; too_short among them when `terse` (and a
+  listing can be that short)."""
   available = [f for f in FLAW_TYPES if not (
       (f == "missed_object" and len(scene.objects) < 2)
       or (f == "wrong_relation" and not scene.relations)
@@ -92,7 +97,10 @@ def _choose_flaws(scene: Scene, rng: np.random.Generator, reference_words: int) 
   wanted = 1 + int(rng.choice(3, p=NUM_FLAWS_PROBABILITIES))
   chosen: list[str] = []
   while len(chosen) < wanted and available:
-    flaw = available.pop(int(rng.integers(len(available))))
+    if terse and "too_short" in available:
+      flaw = available.pop(available.index("too_short"))
+    else:
+      flaw = available.pop(int(rng.integers(len(available))))
     chosen.append(flaw)
     if flaw == "too_short":
       available = [f for f in available if f not in _NOT_WITH_TOO_SHORT]
@@ -212,15 +220,19 @@ def _too_long(scene: Scene, view: list[ObjectView], rng: np.random.Generator,
 
 
 def write_sft_caption(scene: Scene, rng: np.random.Generator,
-                      reference_words: int | None = None) -> FlawedCaption:
+                      reference_words: int | None = None,
+                      terse_share: float = 0.0) -> FlawedCaption:
   """A plausible but flawed caption of the scene, with 1-3 injected flaws.
 
   reference_words: word count of the reference the length flaws are measured against (the
   example's first reference); by default a reference is written here to measure.
+  terse_share: the probability that too_short is one of the flaws (where a listing can be that
+  short); 0 draws nothing, so the captions are those of a writer without it.
   """
   if reference_words is None:
     reference_words = write_reference(scene, rng).num_words
-  flaws = _choose_flaws(scene, rng, reference_words)
+  terse = terse_share > 0 and bool(rng.random() < terse_share)
+  flaws = _choose_flaws(scene, rng, reference_words, terse)
   view = scene_view(scene)
   include = list(range(len(view)))
   if "missed_object" in flaws:

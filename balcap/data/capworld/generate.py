@@ -35,6 +35,9 @@ class CapWorldSpec:
   max_objects: int = 6
   num_references: int = 2  # reference captions per image, each different (>= 2)
   seed: int = 0
+  # Share of SFT captions that are too_short on purpose (flaws.write_sft_caption): a terse
+  # captioner leaves out facts it could see, which only a recall reward teaches it to say.
+  terse_share: float = 0.0
 
   def __post_init__(self):
     problems = []
@@ -47,10 +50,20 @@ class CapWorldSpec:
     if not 1 <= self.min_objects <= self.max_objects:
       problems.append(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, "
                       f"{self.max_objects}")
+    if not 0.0 <= self.terse_share <= 1.0:
+      problems.append(f"terse_share={self.terse_share} must be in [0, 1]")
     if self.num_references < 2:
       problems.append(f"num_references={self.num_references} must be >= 2")
     if problems:
       raise ValueError("invalid CapWorldSpec: " + "; ".join(problems))
+
+
+def spec_from_config(world) -> CapWorldSpec:
+  """The spec `config.data.capworld` describes (raises ValueError naming a bad field)."""
+  return CapWorldSpec(image_sizes=tuple(tuple(s) for s in world.image_sizes),
+                      min_objects=world.min_objects, max_objects=world.max_objects,
+                      num_references=world.num_references, seed=world.seed,
+                      terse_share=float(world.get("terse_share", 0.0)))
 
 
 def example_rng(spec: CapWorldSpec, split: str, index: int, stream: int) -> np.random.Generator:
@@ -78,7 +91,8 @@ def make_example(spec: CapWorldSpec, split: str, index: int) -> dict[str, Any]:
                        f"{split}[{index}]")
 
   sft = write_sft_caption(scene, example_rng(spec, split, index, _SFT_STREAM),
-                          reference_words=len(references[0].split()))
+                          reference_words=len(references[0].split()),
+                          terse_share=spec.terse_share)
   return {
       "id": f"capworld-{split}-{index:06d}",
       "image": render(scene),
