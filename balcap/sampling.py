@@ -18,7 +18,6 @@ folded into the reported log-probability.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Any
 

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from experiments import spec
+
 # The table's columns: (metric, header, digits).
 COLUMNS = (("precision", "precision", 3), ("recall", "recall", 3),
            ("linguistic", "linguistic", 3), ("b_capscore", "b-CapScore", 1),
@@ -48,16 +50,15 @@ def _finite(value: Any) -> bool:
 def collect(layout, seeds) -> dict[str, dict[int, dict]]:
   """arm -> seed -> {"before", "after", "seconds", "curves"} of the finished runs of a
   `run.Layout`."""
-  from experiments.run import is_done  # pylint: disable=import-outside-toplevel
   out: dict[str, dict[int, dict]] = {}
   for arm in layout.experiment.arms:
     for seed in seeds:
       folder = layout.arm(arm, seed)
-      if not is_done(folder):
+      if not spec.is_done(folder):
         continue
       with open(os.path.join(folder, "run", "eval.json"), encoding="utf-8") as f:
         evaluation = json.load(f)
-      with open(os.path.join(folder, "done.json"), encoding="utf-8") as f:
+      with open(os.path.join(folder, spec.DONE), encoding="utf-8") as f:
         seconds = json.load(f)["seconds"]
       after = {k: v for k, v in evaluation["after"].items() if _finite(v)}
       after.update({k: f(after) for k, f in DERIVED.items()})

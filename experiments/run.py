@@ -59,10 +59,6 @@ class Layout:
     return os.path.join(self.workdir, f"{arm.name}-{digest}", f"seed{seed}")
 
 
-def is_done(folder: str) -> bool:
-  return os.path.exists(os.path.join(folder, "done.json"))
-
-
 def _balcap(folder: str, base: str, flags: list[str]) -> tuple[str, ...]:
   return (sys.executable, "-m", "balcap.main", f"--config={os.path.join(REPO, base)}",
           f"--workdir={os.path.join(folder, 'run')}", *flags)
@@ -108,10 +104,10 @@ def plan(layout: Layout, seeds) -> list[Job]:
 def run_job(job: Job) -> bool:
   """Runs one job's commands (appending to its logs) unless done; True when done."""
   label, folder, needs = job.label, job.folder, job.needs
-  if is_done(folder):
+  if spec.is_done(folder):
     print(f"{label}: done before, skipped", flush=True)
     return True
-  if needs is not None and not is_done(needs):
+  if needs is not None and not spec.is_done(needs):
     print(f"{label}: not run, its SFT ({needs}) did not finish", flush=True)
     return False
   os.makedirs(folder, exist_ok=True)
@@ -127,7 +123,7 @@ def run_job(job: Job) -> bool:
         print(f"{label}: FAILED (exit {done.returncode}); see {folder}/stderr.log", flush=True)
         return False
   seconds = time.time() - started
-  with open(os.path.join(folder, "done.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(folder, spec.DONE), "w", encoding="utf-8") as f:
     json.dump({"seconds": seconds, "commands": job.commands}, f, indent=2)
   print(f"{label}: finished in {seconds:.0f}s", flush=True)
   return True

@@ -11,6 +11,12 @@ import os
 import re
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+DONE = "done.json"  # what a finished run leaves in its folder (its metrics and times)
+
+
+def is_done(folder: str) -> bool:
+  """Whether the run in `folder` finished (run.py writes DONE last)."""
+  return os.path.exists(os.path.join(folder, DONE))
 
 
 @dataclasses.dataclass(frozen=True)

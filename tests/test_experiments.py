@@ -36,11 +36,11 @@ def test_the_runner_killed_and_run_again_redoes_nothing_finished(tmp_path):
   process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
   deadline = time.time() + 400
-  while not run.is_done(first_arm) and process.poll() is None and time.time() < deadline:
+  while not spec.is_done(first_arm) and process.poll() is None and time.time() < deadline:
     time.sleep(0.5)
   os.killpg(process.pid, signal.SIGKILL)
   output = process.communicate()[0]
-  assert run.is_done(first_arm), output[-3000:]
+  assert spec.is_done(first_arm), output[-3000:]
 
   done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=400)

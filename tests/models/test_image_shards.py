@@ -3,7 +3,6 @@ transformers' whatever the number of shards, rows and images are matched across 
 correctly, and on a mesh each device encodes only its own shard."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -2,7 +2,6 @@
 padding, one compile for many grids, locality of window attention, the checkpoint table."""
 
 import dataclasses
-import functools
 import itertools
 import os
 

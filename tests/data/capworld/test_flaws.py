@@ -97,3 +97,28 @@ def test_some_captions_hedge_every_shape_and_say_nothing_false_by_it():
     assert not words & {"circle", "square", "triangle", "star", "hexagon", "heart", "cross",
                         "diamond", "disc", "rhombus"} or any(
                             c.kind == "count" and c.shape for c in caption.claims), caption.text
+
+
+def test_terse_share_makes_that_share_too_short_and_zero_draws_nothing():
+  """terse_share=0 leaves every caption as the writer without it wrote it (the default data
+  set is unchanged); terse_share=1 makes every caption that can be too short too short; a
+  share in between adds that share to the captions too_short anyway."""
+  shares = {0.0: 0, 0.5: 0, 1.0: 0}
+  possible = 0
+  for seed in range(300):
+    scene = sample_scene(np.random.default_rng([seed, 0]), 224, 224, 1, 1)
+    words = write_reference(scene, np.random.default_rng([seed, 1])).num_words
+    sft_rng = lambda: np.random.default_rng([seed, 2])  # noqa: E731
+    plain = write_sft_caption(scene, sft_rng(), words)
+    assert write_sft_caption(scene, sft_rng(), words, terse_share=0.0) == plain
+    possible += 4 < 0.5 * words  # a one-object listing has up to 4 words
+    for share in shares:
+      caption = write_sft_caption(scene, sft_rng(), words, terse_share=share)
+      shares[share] += "too_short" in caption.flaws
+      if "too_short" in caption.flaws:
+        assert caption.num_words < 0.5 * words, caption.text
+  assert possible > 250 and shares[1.0] == possible, (possible, shares)
+  natural = shares[0.0] / possible
+  assert 0.1 < natural < 0.35, shares
+  # 0.5 + 0.5 * natural of the captions that can be too short, within ~3 standard errors
+  assert abs(shares[0.5] / possible - (0.5 + 0.5 * natural)) < 0.1, shares

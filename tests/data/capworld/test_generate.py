@@ -101,7 +101,8 @@ def test_more_references_are_all_different():
 
 
 @pytest.mark.parametrize("bad", [dict(num_references=1), dict(image_sizes=((100, 224),)),
-                                 dict(min_objects=3, max_objects=2), dict(image_sizes=())])
+                                 dict(min_objects=3, max_objects=2), dict(image_sizes=()),
+                                 dict(terse_share=1.5), dict(terse_share=-0.1)])
 def test_invalid_spec_is_rejected(bad):
   with pytest.raises(ValueError):
     CapWorldSpec(**bad)
