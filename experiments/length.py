@@ -1,6 +1,6 @@
 """Length control: the length-conditional mask (the linguistic reward paid only while the
 length ratio is in [0.5, 2]) against a linear penalty -lambda |ratio - 1| as a fourth reward,
-and against none. The SFT captions start long (CapWorld's flawed captions: the table's SFT
+and against none. The demo's SFT captions start short (its terse SFT set; the table's SFT
 length ratio). The paper: without length control length drifts (there: shorter than the base
 model's); a linear penalty is less balanced than masking.
 
