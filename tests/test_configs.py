@@ -202,3 +202,10 @@ def test_eval_and_export_settings_are_checked(tmp_path):
     configs.validate(config, num_devices=1)
   assert "config.export.dtype='int8'" in str(error.value)
   assert "config.export.stage='final'" in str(error.value)
+
+
+def test_a_bad_capworld_terse_share_is_named():
+  config = load_config_file("tiny")
+  config.data.capworld.terse_share = 1.5
+  (problem,) = problems_of(config)
+  assert problem.startswith("config.data.capworld:") and "terse_share=1.5" in problem, problem

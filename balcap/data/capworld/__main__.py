@@ -26,12 +26,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--columns", type=int, default=4, help="examples per row")
   parser.add_argument("--min-objects", type=int, default=1)
   parser.add_argument("--max-objects", type=int, default=6)
+  parser.add_argument("--terse-share", type=float, default=0.0,
+                      help="share of SFT captions written too short on purpose "
+                           "(configs/tiny.py: 0.4, with --max-objects 1)")
   args = parser.parse_args(argv)
   if args.num < 1:
     parser.error("--num must be >= 1")
   try:
     spec = CapWorldSpec(image_sizes=((args.size, args.size),), min_objects=args.min_objects,
-                        max_objects=args.max_objects, seed=args.seed)
+                        max_objects=args.max_objects, seed=args.seed,
+                        terse_share=args.terse_share)
   except ValueError as error:
     parser.error(str(error))
   print(write_preview(args.preview, spec, args.split, args.num, args.columns))
