@@ -11,7 +11,7 @@ import os
 import re
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-DONE = "done.json"  # what a finished run leaves in its folder (its metrics and times)
+DONE = "done.json"  # what a finished run leaves in its folder (its seconds and commands)
 
 
 def is_done(folder: str) -> bool:

@@ -99,10 +99,9 @@ def test_some_captions_hedge_every_shape_and_say_nothing_false_by_it():
                             c.kind == "count" and c.shape for c in caption.claims), caption.text
 
 
-def test_terse_share_makes_that_share_too_short_and_zero_draws_nothing():
-  """terse_share=0 leaves every caption as the writer without it wrote it (the default data
-  set is unchanged); terse_share=1 makes every caption that can be too short too short; a
-  share in between adds that share to the captions too_short anyway."""
+def test_terse_share_makes_that_share_of_captions_too_short():
+  """terse_share=0 is the default; terse_share=1 makes every caption that can be too short
+  too short; a share in between adds that share to the captions too_short anyway."""
   shares = {0.0: 0, 0.5: 0, 1.0: 0}
   possible = 0
   for seed in range(300):
