@@ -60,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tokenizer = ""
   c.model.dtype = "bfloat16"       # computation dtype of activations and matmuls
   c.model.param_dtype = "float32"  # stored parameters (float32 master weights for training)
-  c.model.remat = "none"           # per-layer activation checkpointing: none|full|dots|dots_no_batch
+  # Per-layer activation checkpointing: none|full|dots|dots_no_batch.
+  c.model.remat = "none"
   # Decoder layers under nn.scan (fast compiles, the TPU/GPU choice) or unrolled (faster
   # decoding on CPUs, where a scan copies each layer's weights out of the stack every step).
   c.model.scan_layers = True

@@ -29,6 +29,7 @@ from PIL import Image
 
 from balcap import grounding, loop, optim, parallel, train_state, vision_pretrain
 from balcap.data import datasets, pipeline
+from balcap.models import policy as policy_lib
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,13 @@ def caption_chats(policy, examples: dict[str, Any], prompt: str, target: str,
   return prepared, cut
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout",
-                "image_row_offsets")
+MODEL_INPUTS = policy_lib.MODEL_INPUTS  # the forward pass's arguments
+
+
+def apply_model(module, params, inputs, **kwargs):
+  """The policy's logits on a prepared batch (the MODEL_INPUTS it has); kwargs go to apply."""
+  return module.apply({"params": params},
+                      **{k: inputs[k] for k in MODEL_INPUTS if k in inputs}, **kwargs)
 
 
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
@@ -96,12 +102,11 @@ def make_step(module, optimizer: optax.GradientTransformation, mesh,
   def step(state, inputs):
     def loss_fn(params, head):
       params = optim.stop_frozen(params, freeze)
-      model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
       if grounding_loss is None:
-        logits = module.apply({"params": params}, **model_inputs)
+        logits = apply_model(module, params, inputs)
       else:
-        logits, captured = module.apply(
-            {"params": params}, **model_inputs, mutable=["intermediates"],
+        logits, captured = apply_model(
+            module, params, inputs, mutable=["intermediates"],
             capture_intermediates=grounding.capture_filter(grounding_loss.layer))
       total, count = next_token_loss(logits, inputs["input_ids"], inputs["loss_mask"])
       caption_loss = total / jnp.maximum(count, 1)
@@ -134,9 +139,8 @@ def make_loss(module, mesh):
   """The jitted caption loss alone: inputs -> (sum of -log p over caption tokens, count)."""
 
   def caption_loss(params, inputs):
-    logits = module.apply({"params": params},
-                          **{k: inputs[k] for k in MODEL_INPUTS if k in inputs})
-    return next_token_loss(logits, inputs["input_ids"], inputs["loss_mask"])
+    return next_token_loss(apply_model(module, params, inputs), inputs["input_ids"],
+                           inputs["loss_mask"])
 
   return parallel.OnMesh(jax.jit(caption_loss), mesh)
 

@@ -9,11 +9,12 @@ Shapes:
   (a) batch 1: one 224 px image (64 image tokens) + 32 text tokens, 128 new tokens;
   (b) the RL shape: 8 prompts x G = 8, a 448 px image (256 image tokens) + 32 text tokens,
       128 new tokens; transformers expands the prompts with num_return_sequences.
-Both sample at temperature 1 with no truncation and no early end (every row makes all its
-tokens). Times are the best of 3 calls (2 for transformers in the RL shape). Printed: tokens/s and peak resident memory above the pre-call level for each
-library and the ratio; the decode phase's matmul FLOP/s (weights and attention over the real
-context, no embedding lookup) against this machine's fp32 matmul peak measured here; and at
-batch 1 the weight bytes read per second against a streaming matrix-vector bandwidth.
+Both sample at temperature 1 with no truncation and no early end (every row makes all its tokens).
+Times are the best of 3 calls (2 for transformers in the RL shape). Printed: tokens/s and peak
+resident memory above the pre-call level for each library and the ratio; the decode phase's matmul
+FLOP/s (weights and attention over the real context, no embedding lookup) against this machine's
+fp32 matmul peak measured here; and at batch 1 the weight bytes read per second against a streaming
+matrix-vector bandwidth.
 """
 
 from __future__ import annotations

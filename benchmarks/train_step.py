@@ -12,7 +12,8 @@ micro-batches, one pass, AdamW. Printed, best of 3 calls:
     continuation positions run forward and backward);
   - model FLOP/s: 3 x the forward matmul FLOPs (decoder weights, output layer over the
     continuation window, attention over each row's context, the vision tower once per
-    update: the images are encoded once, whatever the micro-batches) against this machine's fp32 matmul peak measured in the same run (MFU);
+    update: the images are encoded once, whatever the micro-batches) against this
+    machine's fp32 matmul peak measured in the same run (MFU);
   - peak resident memory above the level before the calls (on a CPU, device memory).
 """
 

@@ -117,12 +117,12 @@ def get_config(arg=None):
   c.rl.sample_table_every = 20
   c.rl.final_eval_examples = -1  # the whole test split
   c.rewards.judge = "capworld"
-  # GDPO's reward conditioning: precision pays only when recall >= 0.5 (the median of the
-  # SFT policy before the terse set; the terse one starts at 0.20-0.23, and its after-RL
-  # captions cover 0.50-0.56, all the facts it can read). Unconditioned, RL buys precision by saying less (before vision pre-training, seed
-  # 0: precision +0.49, recall -0.14, b-CapScore +3.2); conditioned, a caption too thin to
-  # cover the scene earns no precision. (0.3 was the SFT mean before vision pre-training; with
-  # it, 0.3 and 0.5 gave +23.1 and +21.0 on seed 0, recall -0.02 and -0.01.)
+  # GDPO's reward conditioning: precision pays only when recall >= 0.5 (the median of the SFT
+  # policy before the terse set; the terse one starts at 0.20-0.23, and its after-RL captions cover
+  # 0.50-0.56, all the facts it can read). Unconditioned, RL buys precision by saying less (before
+  # vision pre-training, seed 0: precision +0.49, recall -0.14, b-CapScore +3.2); conditioned, a
+  # caption too thin to cover the scene earns no precision. (0.3 was the SFT mean before vision
+  # pre-training; with it, 0.3 and 0.5 gave +23.1 and +21.0 on seed 0, recall -0.02 and -0.01.)
   c.advantage.conditioned = "precision"
   c.advantage.condition_on = "recall"
   c.advantage.condition_threshold = 0.5

@@ -68,7 +68,8 @@ def table(results: list[dict[str, Any]]) -> str:
     if judge.get("prompt_version"):
       who += f" ({judge['prompt_version']})"
     lines.append(
-        f"| {_LABELS[r['benchmark']]} | {_number(r['score'], 3 if r['benchmark'] == 'classic' else 1)} "
+        f"| {_LABELS[r['benchmark']]} "
+        f"| {_number(r['score'], 3 if r['benchmark'] == 'classic' else 1)} "
         f"| {_details(r)} | {_items(r)} "
         f"| {_number(words and words['mean'])} / {_number(words and words['median'])} "
         f"| {_number(tokens and tokens['mean'])} | {who} | {r.get('seconds_per_caption', '—')} |")

@@ -148,7 +148,8 @@ def _plan(rules: Iterable[Rule], tensors: dict[str, safetensors_io.TensorInfo],
     rule, layer = _match(name, compiled)
     if rule is None or rule.param not in leaves:
       if rule is None or not rule.optional:
-        unexpected.append(f"unexpected tensor {name} {info.shape} (in {os.path.basename(info.path)})")
+        unexpected.append(f"unexpected tensor {name} {info.shape} "
+                          f"(in {os.path.basename(info.path)})")
       continue
     leaf = leaves[rule.param]
     expected = tuple(leaf.shape[1:] if rule.stacked else leaf.shape)

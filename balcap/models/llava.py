@@ -287,4 +287,5 @@ FAMILY = policy.register(policy.Family(
     prepare_inputs=prepare_inputs, example_batch=example_batch, hf_shapes=hf_shapes,
     processor_from_pretrained=_processor_from_pretrained,
     special_token_ids=special_token_ids, compute_dtype=lambda config: config.text.dtype,
-    decode_start=decode_start, prepare_batch=prepare_batch, continuation_positions=continuation_positions))
+    decode_start=decode_start, prepare_batch=prepare_batch,
+    continuation_positions=continuation_positions))

@@ -245,8 +245,8 @@ def load_pretrained(folder: str, *, dtype: str | None = None, mesh: Mesh | None 
   """The policy in an HF folder (family from config.json), params placed on `mesh`.
 
   `dtype` ("bfloat16", "float32", "float16", or the numpy/JAX dtype) sets both the stored
-  and the computation dtype; default float32. `scan_layers=False` unrolls the decoder's layers (faster CPU decoding). Tensors
-  stream from disk one at a time (see hf_io).
+  and the computation dtype; default float32. `scan_layers=False` unrolls the decoder's
+  layers (faster CPU decoding). Tensors stream from disk one at a time (see hf_io).
   """
   folder = paths.download_folder(folder)  # gs://: each host reads its own local copy
   family, config = checkpoint_config(folder)
