@@ -29,10 +29,10 @@ EXPERIMENT = common.ablation(
                   "no_length", "length_error", lower=True),
             Claim("Masking is more balanced than a linear penalty", "c_gdpo", "linear",
                   "b_capscore"),
-            Claim("Masking keeps the length as close as a linear penalty does", "c_gdpo",
-                  "linear", "length_error", lower=True),
+            Claim("Masking keeps the length closer to the references' than a linear penalty",
+                  "c_gdpo", "linear", "length_error", lower=True),
             Claim("From a long start, masking is more balanced than a linear penalty",
                   "long_mask", "long_linear", "b_capscore"),
-            Claim("From a long start, masking brings the length as close as a linear penalty",
+            Claim("From a long start, masking brings the length closer than a linear penalty",
                   "long_mask", "long_linear", "length_error", lower=True)),
 )
