@@ -358,10 +358,6 @@ def sampling_params(policy, *, max_new_tokens: int, num_samples: int = 1,
                         family.compute_dtype(config), gather_weights)
 
 
-SAMPLER_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "vision_layout",
-                  "image_row_offsets")
-
-
 def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
              max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_token_ids: tuple[int, ...] | None = None,
@@ -380,8 +376,7 @@ def generate(policy, params: Any, batch: dict[str, Any], rng: jax.Array, *,
                          gather_weights=gather_weights)
   prepared = prepare_prompts(policy, batch, prompt_bucket)
   start = policy.family.decode_start(policy.config, prepared).astype(np.int32)
-  inputs = parallel.global_inputs({k: prepared[k] for k in SAMPLER_INPUTS
-                                   if prepared.get(k) is not None}, policy.mesh)
+  inputs = parallel.global_inputs(policy_lib.model_inputs(prepared), policy.mesh)
   return generate_prepared(policy, params, inputs, start, rng, spec)
 
 

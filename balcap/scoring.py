@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from balcap import parallel, sampling
-from balcap.models import layers
+from balcap.models import layers, policy as policy_lib
 
 # Model inputs with one entry per image shard (the rest have one per row).
 IMAGE_INPUTS = ("pixel_values", "vision_layout")
@@ -93,8 +93,7 @@ def continuation_batch(policy, batch: dict[str, Any], tokens: np.ndarray, length
   host its own rows): prepares and places the prompts as the sampler does (tests,
   benchmarks; the learner keeps the sampler's own)."""
   prepared = sampling.prepare_prompts(policy, batch, prompt_bucket)
-  inputs = parallel.global_inputs({k: prepared[k] for k in sampling.SAMPLER_INPUTS
-                                   if prepared.get(k) is not None}, policy.mesh)
+  inputs = parallel.global_inputs(policy_lib.model_inputs(prepared), policy.mesh)
   start = policy.family.decode_start(policy.config, prepared).astype(np.int32)
   placed = parallel.global_inputs({"start": start, "tokens": np.asarray(tokens, np.int32),
                                    "lengths": np.asarray(lengths, np.int32)}, policy.mesh)

@@ -64,13 +64,10 @@ def caption_chats(policy, examples: dict[str, Any], prompt: str, target: str,
   return prepared, cut
 
 
-MODEL_INPUTS = policy_lib.MODEL_INPUTS  # the forward pass's arguments
-
-
 def apply_model(module, params, inputs, **kwargs):
-  """The policy's logits on a prepared batch (the MODEL_INPUTS it has); kwargs go to apply."""
-  return module.apply({"params": params},
-                      **{k: inputs[k] for k in MODEL_INPUTS if k in inputs}, **kwargs)
+  """The policy's logits on a prepared batch (its `policy.model_inputs`); kwargs go to
+  apply."""
+  return module.apply({"params": params}, **policy_lib.model_inputs(inputs), **kwargs)
 
 
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array

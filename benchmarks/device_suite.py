@@ -44,6 +44,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 # pylint: disable=wrong-import-position
 from balcap import models, optim, parallel, sampling, scoring, train_state
 from balcap.aot import hardware, programs  # pylint: disable=wrong-import-position
+from balcap.models import policy as policy_lib  # pylint: disable=wrong-import-position
 from balcap.rl import losses, update  # pylint: disable=wrong-import-position
 
 
@@ -75,8 +76,7 @@ def best_of(run, repeats: int) -> float:
 def decode(builder, policy, raw, prepared, repeats: int) -> dict[str, float]:
   """Seconds of the whole sampler and of its prefill alone; their difference is decoding."""
   spec = dataclasses.replace(builder.spec(), eos_token_ids=(), temperature=1.0)
-  inputs = parallel.global_inputs({k: prepared[k] for k in sampling.SAMPLER_INPUTS
-                                   if prepared.get(k) is not None}, policy.mesh)
+  inputs = parallel.global_inputs(policy_lib.model_inputs(prepared), policy.mesh)
   start = policy.family.decode_start(policy.config, prepared).astype(np.int32)
   rng = jax.random.key(0)
 

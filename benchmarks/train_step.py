@@ -123,8 +123,7 @@ def main():
   chats = qwen_fixtures.batch(np.random.default_rng(1), [
       (list(np.random.default_rng(i).integers(0, 31000, TEXT_TOKENS + args.new_tokens)),
        (1, IMAGE_SIDE // 14, IMAGE_SIDE // 14)) for i in range(rows)])
-  inputs = policy.family.prepare_batch(policy.config, chats)
-  inputs = {k: inputs[k] for k in sft.MODEL_INPUTS if k in inputs}
+  inputs = models.policy.model_inputs(policy.family.prepare_batch(policy.config, chats))
   inputs["loss_mask"] = np.asarray(chats["attention_mask"])
   sft_step = sft.make_step(policy.module, optimizer, None)
   inputs = jax.device_put(inputs)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from balcap import models, parallel, sampling, scoring
+from balcap.models import policy as policy_lib
 import llava_fixtures
 import qwen_fixtures
 
@@ -300,7 +301,7 @@ def test_weights_cast_once_sample_exactly_as_weights_cast_in_every_layer(checkpo
   assert {x.dtype for x in jax.tree.leaves(cast_lm)} == {jnp.dtype(jnp.bfloat16)}
   prepared = sampling.prepare_prompts(policy, inputs)
   start = policy.family.decode_start(policy.config, prepared).astype(np.int32)
-  placed = {k: prepared[k] for k in sampling.SAMPLER_INPUTS if prepared.get(k) is not None}
+  placed = policy_lib.model_inputs(prepared)
   run = lambda s: sampling.generate_prepared(policy, policy.params, placed, start,  # noqa: E731
                                              jax.random.key(4), s)
   cast, uncast = run(spec), run(dataclasses.replace(spec, weights_dtype=""))

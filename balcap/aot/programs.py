@@ -164,8 +164,7 @@ class Builder:
     raw, prepared = self.prompts(rows)
     patches = self.patches_per_image(raw)
     prompt_length = prepared["input_ids"].shape[1]
-    inputs = abstract_inputs({k: prepared[k] for k in sampling.SAMPLER_INPUTS
-                              if prepared.get(k) is not None}, self.mesh)
+    inputs = abstract_inputs(policy_lib.model_inputs(prepared), self.mesh)
     start = jax.ShapeDtypeStruct((rows,), jnp.int32,
                                  sharding=parallel.input_sharding("start", self.mesh))
     spec = self.spec()
@@ -343,9 +342,8 @@ class Builder:
     prepared = self.family.prepare_batch(self.model_config, raw,
                                          parallel.host_rows_multiple(self.mesh))
     prepared["loss_mask"] = np.ones_like(prepared["input_ids"], np.int32)
-    inputs = abstract_inputs({k: v for k, v in prepared.items()
-                              if k in sft.MODEL_INPUTS + ("loss_mask",) and v is not None},
-                             self.mesh)
+    inputs = abstract_inputs(dict(policy_lib.model_inputs(prepared),
+                                  loss_mask=prepared["loss_mask"]), self.mesh)
     optimizer = optim.make_optimizer(optim.from_config(c.sft.optimizer),
                                      total_steps=c.sft.num_steps)
     program = sft.make_step(self.module, optimizer, self.mesh)

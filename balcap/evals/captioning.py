@@ -31,6 +31,7 @@ from PIL import Image
 from balcap import parallel, sampling
 from balcap.data import pipeline
 from balcap.data.capworld.world import FACT_KINDS
+from balcap.models import policy as policy_lib
 from balcap.rl.rewards import functions
 
 COMPONENTS = ("precision", "recall", "linguistic", "length_ratio")
@@ -64,7 +65,7 @@ def evaluate(policy, params: Any, source, reward: functions.JudgeReward, *, prom
     if spec is None:
       spec = sampling.sampling_params(policy, max_new_tokens=max_new_tokens, temperature=0.0)
     prepared = sampling.prepare_prompts(policy, chats, prompt_bucket)
-    inputs = {k: prepared[k] for k in sampling.SAMPLER_INPUTS if prepared.get(k) is not None}
+    inputs = policy_lib.model_inputs(prepared)
     rollouts = sampling.generate_prepared(
         policy, params, parallel.global_inputs(inputs, policy.mesh),
         policy.family.decode_start(policy.config, prepared), jax.random.key(0), spec)

@@ -149,6 +149,12 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "
                 "image_row_offsets")
 
 
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+  """The MODEL_INPUTS a prepared batch has (not None): the forward pass's and the sampler's
+  arguments, without the host-side extras (loss masks, rope deltas, raw images)."""
+  return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
 @dataclasses.dataclass
 class Policy:
   family: Family
@@ -171,8 +177,7 @@ class Policy:
   def apply(self, params: Any, batch: dict[str, Any]) -> jax.Array:
     """Logits [B, T, V] (float32) for a processor batch (or a prepared one)."""
     prepared = self.prepare(batch)
-    inputs = {k: prepared[k] for k in MODEL_INPUTS if prepared.get(k) is not None}
-    return _forward(self.module, self.mesh)(params, inputs)
+    return _forward(self.module, self.mesh)(params, model_inputs(prepared))
 
   def save_pretrained(self, folder: str, *, dtype: str | None = None) -> None:
     """An HF folder (config.json, safetensors, tokenizer files) that transformers loads.
@@ -220,7 +225,7 @@ def boxed_abstract_params(family: Family, config: Any) -> tuple[Any, dict[str, A
   axes, the example inputs that built them): no memory allocated."""
   module = family.module(config)
   example = family.prepare_inputs(config, family.example_batch(config))
-  inputs = {k: example[k] for k in MODEL_INPUTS if example.get(k) is not None}
+  inputs = model_inputs(example)
   return jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs))["params"], inputs
 
 

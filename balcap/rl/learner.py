@@ -45,6 +45,7 @@ from PIL import Image
 from balcap import loop, optim, parallel, paths, sampling, scoring, train_state
 from balcap.data import datasets, pipeline
 from balcap.evals import captioning
+from balcap.models import policy as policy_lib
 from balcap.rl import advantages as advantages_lib
 from balcap.rl import losses, update
 from balcap.rl.rewards import functions
@@ -131,7 +132,7 @@ class RLStep:
     chats = policy.processor(prompts=[self.config.sampling.prompt] * len(images),
                              images=images)
     prepared = sampling.prepare_prompts(policy, chats, self.config.sampling.prompt_bucket)
-    inputs = {k: prepared[k] for k in sampling.SAMPLER_INPUTS if prepared.get(k) is not None}
+    inputs = policy_lib.model_inputs(prepared)
     inputs["start"] = policy.family.decode_start(policy.config, prepared).astype(np.int32)
     return parallel.global_inputs(inputs, policy.mesh)
 
